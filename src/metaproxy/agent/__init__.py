@@ -1,0 +1,1 @@
+"""The metadata agent: identify the instance, sign it, ask the metadata server."""

@@ -1,0 +1,76 @@
+"""The `metaproxy` command line: subcommands, and errors turned into exit codes and messages."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+from metaproxy import __version__
+from metaproxy import log as logsetup
+from metaproxy.errors import MetaproxyError
+
+log = logging.getLogger(__name__)
+
+# Each module defines NAME, HELP, configure(parser) and run(args) -> int.
+SUBCOMMANDS: tuple[str, ...] = ("metaproxy.commands.nsproxy",)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Command(Protocol):
+    NAME: str
+    HELP: str
+
+    def configure(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole parser tree; importing a subcommand module must stay cheap."""
+    parser = argparse.ArgumentParser(
+        prog="metaproxy",
+        description="Serve instance metadata (http://169.254.169.254/) to VMs on isolated "
+        "tenant networks: front proxy, metadata agent and embedded metadata server.",
+    )
+    parser.add_argument("--version", action="version", version=f"metaproxy {__version__}")
+    parser.add_argument(
+        "--log-level",
+        "--log_level",
+        dest="log_level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="lowest level logged to stderr (default: INFO)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SUBCOMMANDS:
+        command = cast(_Command, importlib.import_module(module_name))
+        sub = subparsers.add_parser(
+            command.NAME, help=command.HELP, description=command.HELP, allow_abbrev=False
+        )
+        command.configure(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, set up logging, run, and map failures to exit codes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logsetup.setup(args.log_level)
+    try:
+        return int(args._run(args))
+    except MetaproxyError as exc:
+        log.debug("command failed", exc_info=True)
+        print(f"metaproxy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

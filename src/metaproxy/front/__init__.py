@@ -1,0 +1,1 @@
+"""The builtin front: one asyncio process serving every network's listener."""

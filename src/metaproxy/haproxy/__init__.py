@@ -1,0 +1,1 @@
+"""The haproxy front: one hardened haproxy per network or router."""

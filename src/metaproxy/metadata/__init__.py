@@ -1,0 +1,1 @@
+"""The embedded metadata server and its store."""

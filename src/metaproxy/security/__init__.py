@@ -1,0 +1,1 @@
+"""The one place programs are started and sensitive files are written."""

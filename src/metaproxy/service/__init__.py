@@ -1,0 +1,1 @@
+"""The host service: composes the roles, reconciles fronts, supervises processes."""

@@ -1,0 +1,1 @@
+"""Shared test helpers: namespaces, a recording backend, running the CLI."""
