@@ -27,16 +27,19 @@ class Child:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        pipes: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        # pipes=True: a line protocol on stdin/stdout (text); stderr still goes to the log.
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
             self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else self._log,
+            stderr=self._log if pipes else subprocess.STDOUT,
+            text=True,
             start_new_session=True,
             env=env,
             cwd=cwd,
