@@ -50,6 +50,14 @@ class Context:
             print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def module_argv(module: str) -> list[str]:
+    """Run one of the bench's own modules as a program (start it with cwd=REPO)."""
+    return [sys.executable, "-m", module]
+
+
 def metaproxy_argv() -> list[str]:
     """The metaproxy command of the interpreter running the bench (the repository's venv)."""
     script = Path(sys.executable).parent / "metaproxy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -64,6 +65,12 @@ class Child:
             raise BenchError(
                 f"{self.name} exited with status {self.proc.returncode}:\n{self.log_tail()}"
             )
+
+    def read_line(self, timeout: float) -> str:
+        """The next stdout line of a pipes=True child, or "" after `timeout` s or at its end."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else ""
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL the process group this child leads."""

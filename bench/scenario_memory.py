@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import proc, systems
-from bench.context import Context, metaproxy_argv
+from bench.context import REPO, Context, metaproxy_argv, module_argv
 from bench.netns import Namespaces
 from bench.procs import BenchError, Child
 from bench.report import Check, Column, ScenarioResult, Table, at_most, ratio
@@ -36,16 +35,17 @@ def builtin_levels(ctx: Context, ns: Namespaces, upstream: Path, levels: list[in
     child = ctx.track(
         Child(
             "memchild",
-            [sys.executable, "-m", "bench.memchild", str(plan_path)],
+            [*module_argv("bench.memchild"), str(plan_path)],
             ctx.workdir,
             pipes=True,
+            cwd=REPO,
         )
     )
     popen = child.proc
     assert popen.stdin is not None and popen.stdout is not None
     out: list[Level] = []
     for level in levels:
-        line = popen.stdout.readline()  # bounded: the child dies with its stdin on any error
+        line = child.read_line(timeout=300)
         if not line.startswith("level "):
             popen.wait(10)
             raise BenchError(f"builtin engine failed at {level} networks:\n{child.log_tail()}")
