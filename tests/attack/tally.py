@@ -32,7 +32,7 @@ def record(
         row = ROWS.setdefault((cls, target), Row())
         row.tried += tried
         row.through += through
-        if example and len(row.examples) < 3:
+        if example and len(row.examples) < 12:
             row.examples.append(example)
 
 
@@ -42,7 +42,7 @@ def fault(cls: str, target: str, *, survived: bool, example: str | None = None) 
         row = ROWS.setdefault((cls, target), Row())
         row.faults += 1
         row.survived += int(survived)
-        if not survived and example and len(row.examples) < 3:
+        if not survived and example and len(row.examples) < 12:
             row.examples.append(example)
 
 
