@@ -21,7 +21,14 @@ class Row:
 
 
 ROWS: dict[tuple[str, str], Row] = {}
+NOTES: list[str] = []
 _LOCK = threading.Lock()
+
+
+def note(text: str) -> None:
+    """A measured figure worth printing under the table (latencies, memory)."""
+    with _LOCK:
+        NOTES.append(text)
 
 
 def record(
