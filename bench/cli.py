@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     parser.add_argument(
-        "--front-log-level",
+        "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="--log-level of metaproxy fronts (INFO includes the per-request access log)",
+        help="--log-level of the metaproxy processes measured (default WARNING; INFO adds the "
+        "per-request access log)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     return parser
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         rounds=args.rounds or (1 if args.quick else 5),
         duration=args.duration or (2.0 if args.quick else 8.0),
-        front_log_level=args.front_log_level,
+        log_level=args.log_level,
         verbose=args.verbose,
     )
     signal.signal(signal.SIGTERM, _interrupt)
