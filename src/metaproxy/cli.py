@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.nsproxy",
     "metaproxy.commands.agent",
+    "metaproxy.commands.instance",
+    "metaproxy.commands.port",
+    "metaproxy.commands.network",
+    "metaproxy.commands.router",
+    "metaproxy.commands.importer",
+    "metaproxy.commands.exporter",
 )
 
 EXIT_OK = 0
