@@ -5,25 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import logging
 import os
 import signal
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from metaproxy.agent.config import AgentConfig, is_neutron_ini, load, parse_metadata_url
 from metaproxy.config import read_secret, read_toml
 from metaproxy.errors import ConfigError
+from metaproxy.metadata.config import STORE_FILENAME, StoreConfig
 from metaproxy.metadata.records import PortDirectory
+from metaproxy.metadata.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
 NAME = "agent"
 HELP = "run the metadata agent: identify, sign and relay the fronts' requests (Unix socket)"
 
-DEFAULT_STORE = Path("/var/lib/metaproxy/metaproxy.db")
+DEFAULT_STORE = Path("/var/lib/metaproxy") / STORE_FILENAME
 
 
 def _flag(parser: argparse._ActionsContainer, name: str, **kwargs: Any) -> None:
@@ -88,7 +89,7 @@ def config_from_args(
     if args.config is not None:
         config = load(args.config, environ)
         if store is None and not _is_ini(args.config):
-            store = _store_from_toml(args.config)
+            store = _store_from_toml(args.config, environ)
     else:
         config = AgentConfig.from_mapping(_secret_only(args), environ)
     return _apply_flags(config, args), (store or DEFAULT_STORE).absolute()
@@ -106,10 +107,11 @@ def _is_ini(path: Path) -> bool:
         return False
 
 
-def _store_from_toml(path: Path) -> Path | None:
+def _store_from_toml(path: Path, environ: Mapping[str, str]) -> Path:
     table = read_toml(path).get("store", {})
-    value = table.get("path") if isinstance(table, dict) else None
-    return Path(value) if isinstance(value, str) and value else None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [store] must be a table", key="store")
+    return StoreConfig.from_mapping(table, environ).path
 
 
 def _apply_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
@@ -143,12 +145,15 @@ def _url_fields(url: str) -> dict[str, Any]:
     return fields
 
 
-def open_directory(path: Path) -> PortDirectory:
-    """Open the metaproxy store read side (the metadata role's SQLite store)."""
+def open_directory(path: Path) -> SqliteStore:
+    """Open the metaproxy store; the agent reads only its PortDirectory side."""
     if not path.exists():
-        raise ConfigError(f"store {path} does not exist", key="store.path")
-    module = importlib.import_module("metaproxy.metadata.store")
-    return cast(PortDirectory, module.SqliteStore(path))
+        raise ConfigError(
+            f"store {path} does not exist (create it with `metaproxy network add` etc., "
+            "or point --store at it)",
+            key="store.path",
+        )
+    return SqliteStore(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
             "metadata_workers=%d: this agent serves from one asyncio process (one worker)",
             config.workers,
         )
-    run_loop(_main(config, directory))
+    try:
+        run_loop(_main(config, directory))
+    finally:
+        directory.close()
     return 0
 
 
@@ -175,9 +183,6 @@ async def _main(config: AgentConfig, directory: PortDirectory) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        close = getattr(directory, "close", None)
-        if callable(close):
-            close()
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
