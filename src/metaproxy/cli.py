@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.nsproxy",
     "metaproxy.commands.agent",
+    "metaproxy.commands.checkconfig",
     "metaproxy.commands.instance",
     "metaproxy.commands.port",
     "metaproxy.commands.network",
