@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.context import Context, Options
 from bench.procs import BenchError
-from bench.report import ScenarioResult, as_json, render
+from bench.report import Check, ScenarioResult, as_json, render
 
 SCENARIOS = {
     "front": "bench.scenario_front",
@@ -107,7 +107,9 @@ def run_scenario(name: str, options: Options) -> ScenarioResult:
     try:
         result: ScenarioResult = module.run(ctx)
     except BenchError as exc:
+        reason = str(exc).strip().splitlines()[-1][:160]
         result = ScenarioResult(name, module.TITLE, skipped=str(exc))
+        result.checks.append(Check(f"{name}: every target", None, "-", None, f"skipped: {reason}"))
     finally:
         ctx.close()
     result.raw["seconds"] = round(time.monotonic() - started, 1)
