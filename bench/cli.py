@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     parser.add_argument(
+        "--report", type=Path, help="also write a Markdown report (command, machine, tables)"
+    )
+    parser.add_argument(
         "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -73,7 +76,9 @@ def _version(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done else "?"
+    text = (done.stdout or done.stderr).strip()
+    first = text.splitlines()[0] if text else "?"
+    return first.split(" - ")[0].split(" Copyright")[0].strip()
 
 
 def machine() -> dict[str, Any]:
@@ -98,6 +103,25 @@ def machine() -> dict[str, Any]:
         "commit": _version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
         "loadavg_start": os.getloadavg()[0],
     }
+
+
+def markdown_report(meta: dict[str, Any], results: list[ScenarioResult]) -> str:
+    """The whole run as a Markdown document: how it was produced, then every table."""
+    lines = [
+        "# metaproxy benchmark results",
+        "",
+        f"Command (as root, from the repository root): `{meta['command']}`",
+        "",
+        f"- date: {meta['date']}; commit {meta['commit']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, Linux {meta['kernel']}, "
+        f"Python {meta['python']}",
+        f"- tools: {meta['haproxy']}; {meta['nginx']}; {meta['wrk']}",
+        f"- load average (1 min) at start {meta['loadavg_start']:.2f}, "
+        f"at end {meta.get('loadavg_end', 0.0):.2f} (the machine is shared; see the notes)",
+        "",
+        render(results, markdown=True),
+    ]
+    return "\n".join(lines)
 
 
 def run_scenario(name: str, options: Options) -> ScenarioResult:
@@ -148,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(document, indent=2) + "\n")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(markdown_report(meta, results))
     if args.json:
         print(json.dumps(document, indent=2))
     else:
