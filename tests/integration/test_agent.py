@@ -701,3 +701,19 @@ async def test_store_failure_is_500_not_a_guess(
     resp = await raw_request(agent.socket_path, request_bytes(ident()))
     assert resp.status == 500
     assert metadata.seen == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root (CI is root)")
+async def test_group_mode_hands_the_socket_to_the_proxy_group(
+    short_tmp: Path, directory: MemoryDirectory
+) -> None:
+    import grp
+
+    try:
+        gid = grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        gid = 65534
+    config = make_config(short_tmp, "http://127.0.0.1:9", socket_mode="group", proxy_group=str(gid))
+    async with AgentServer(config, directory) as server:
+        st = os.stat(server.socket_path)
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o664)
