@@ -65,8 +65,7 @@ class HaproxySettings:
     stop_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.binary is not None and not self.binary.is_absolute():
-            raise ConfigError("haproxy.binary must be an absolute path", key="haproxy.binary")
+        # binary is checked by validate_binary at use: one message for every untrusted path.
         if self.log not in ("stderr", "none"):
             raise ConfigError("haproxy.log must be 'stderr' or 'none'", key="haproxy.log")
         for name in ("check_timeout", "start_timeout", "stop_timeout"):
