@@ -6,13 +6,16 @@ What Neutron's config had: global user/group and maxconn 1024, defaults in http 
 `option http-server-close` and the five timeouts, one listener, one server (the agent's Unix
 socket). What this one adds, in rule order (haproxy runs `http-request` rules top to bottom):
 
+0. No h2c by prior knowledge, and at most PER_SOURCE_CONNECTIONS concurrent connections per
+   client address (an idle-connection flood from one guest must not take the others' slots).
 1. only GET/HEAD/POST/PUT (405); origin-form targets only (absolute-form, authority-form and
    `*` → 400); Upgrade refused (400, no tunnel to the agent); header names with an underscore
    refused (400: `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron
    LP #1865036); Content-Length over the body limit (413); chunked bodies refused (400: the
    agent needs a known length, and a stream could outrun the limit).
 2. IMDSv2's rule: `PUT /latest/api/token` carrying a client X-Forwarded-For → 403, checked
-   before the client's X-Forwarded-For is thrown away.
+   before the client's X-Forwarded-For is thrown away. Applied to every PUT (PUT exists only
+   for the token, and the metadata server may route other spellings of its path there).
 3. Every client-sent identity header is deleted (any case), then every header not on the
    short allow-list, then ours are set: one identity header and `X-Forwarded-For: <src>`.
 
@@ -47,6 +50,8 @@ IDENTITY_HEADER_PATTERN = (
     r"|x-forwarded-for|forwarded|x-real-ip)$"
 )
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT")
+# Concurrent connections one client address may hold (a guest's cloud-init uses a handful).
+PER_SOURCE_CONNECTIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +115,21 @@ def _frontend(spec: FrontSpec) -> list[str]:
         "frontend metadata",
         f"    {_bind_line(spec)}",
         f"    maxconn {spec.maxconn}",
+        # h2c by prior knowledge would bypass every HTTP/1 rule below.
+        "    option disable-h2-upgrade",
+        # One guest must not hold every slot: idle sockets over the cap are closed at accept.
+        "    stick-table type ipv6 size 64k expire 60s store conn_cur",
+        "    tcp-request connection track-sc0 src",
+        f"    tcp-request connection reject if {{ sc0_conn_cur gt {PER_SOURCE_CONNECTIONS} }}",
         f"{deny} 405 unless {{ method {' '.join(ALLOWED_METHODS)} }}",
-        f"{deny} 400 unless {{ url_beg / }}",
+        # Origin-form of visible ASCII only: no absolute/authority form, `*`, or control bytes.
+        f"{deny} 400 unless {{ url -m reg ^/[!-~]*$ }}",
         f"{deny} 400 if {{ req.hdr(upgrade) -m found }}",
         f"{deny} 400 if {{ req.hdr_names -m sub _ }}",
         f"{deny} 413 if {{ req.hdr_val(content-length) gt {spec.max_body} }}",
         f"{deny} 400 if {{ req.hdr(transfer-encoding) -m found }}",
-        f"{deny} 403 if {{ method PUT }} {{ path /latest/api/token }} "
-        "{ req.hdr(x-forwarded-for) -m found }",
+        # Every PUT: a metadata server may route /LATEST//api/%74oken/ to the token, too.
+        f"{deny} 403 if {{ method PUT }} {{ req.hdr(x-forwarded-for) -m found }}",
         f"    http-request del-header {IDENTITY_HEADER_PATTERN} -m reg",
         f"    http-request del-header (?i)^(?!({allowed})$) -m reg",
         f"    http-request set-header {spec.identity.header} {spec.identity.id}",
