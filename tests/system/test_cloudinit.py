@@ -265,4 +265,3 @@ async def test_token_client_in_required_mode(stack: Stack) -> None:
     assert seen["bad_ttl"] == 400
     # A client X-Forwarded-For is the front's to drop: the token and identity still hold.
     assert seen["client_xff"] == 200
-
