@@ -88,6 +88,9 @@ def run(ctx: Context) -> ScenarioResult:
         f"metaproxy fronts run with --log-level {opts.log_level}; reference haproxies log nothing",
     ]
     table.notes += [f"{f.label}: unavailable ({f.error})" for f in all_fronts if not f.up]
+    for f in live:
+        if any(s.errors for c in CONNECTIONS for s in samples[(f.name, c)]):
+            table.notes += [f"{f.label} logged: {p}" for p in f.problems()]
     result.tables.append(table)
 
     builtin = all_fronts[0]
