@@ -16,7 +16,10 @@ from metaproxy.errors import MetaproxyError
 log = logging.getLogger(__name__)
 
 # Each module defines NAME, HELP, configure(parser) and run(args) -> int.
-SUBCOMMANDS: tuple[str, ...] = ("metaproxy.commands.nsproxy",)
+SUBCOMMANDS: tuple[str, ...] = (
+    "metaproxy.commands.nsproxy",
+    "metaproxy.commands.checkconfig",
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
