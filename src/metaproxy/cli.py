@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.nsproxy",
     "metaproxy.commands.checkconfig",
+    "metaproxy.commands.up",
+    "metaproxy.commands.status",
 )
 
 EXIT_OK = 0

@@ -121,7 +121,9 @@ def request(path: Path, command: str, *, timeout: float = 10.0) -> dict[str, Any
             "'metaproxy up', or pass the same --config"
         ) from None
     except PermissionError:
-        raise MetaproxyError(f"permission denied on {path}: run as the service's user (root)") from None
+        raise MetaproxyError(
+            f"permission denied on {path}: run as the service's user (root)"
+        ) from None
     except OSError as exc:
         raise MetaproxyError(f"cannot talk to the service on {path}: {exc}") from exc
     finally:

@@ -125,7 +125,7 @@ class MetricsServer:
     @property
     def port(self) -> int | None:
         """The bound TCP port (useful when configured as port 0 in tests)."""
-        if self._server is None or self.endpoint.path is not None:
+        if not isinstance(self._server, asyncio.Server) or self.endpoint.path is not None:
             return None
         return int(self._server.sockets[0].getsockname()[1])
 

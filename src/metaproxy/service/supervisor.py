@@ -117,8 +117,7 @@ class Child:
         self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.name}")
 
     async def _watch(self) -> None:
-        while self.state not in ("stopping", "stopped"):
-            assert self.proc is not None
+        while self.state not in ("stopping", "stopped") and self.proc is not None:
             returncode = await self.proc.wait()
             if self.state in ("stopping", "stopped"):
                 return
