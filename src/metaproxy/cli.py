@@ -21,6 +21,12 @@ SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.checkconfig",
     "metaproxy.commands.up",
     "metaproxy.commands.status",
+    "metaproxy.commands.instance",
+    "metaproxy.commands.port",
+    "metaproxy.commands.network",
+    "metaproxy.commands.router",
+    "metaproxy.commands.importer",
+    "metaproxy.commands.exporter",
 )
 
 EXIT_OK = 0
