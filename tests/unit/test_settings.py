@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ def _compose(doc: dict[str, Any], environ: dict[str, str] | None = None) -> Conf
 def test_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = config.load(None, {})
-    expected = Path("/var/lib/metaproxy") if os.geteuid() == 0 else tmp_path / "metaproxy-state"
+    expected = Path("/var/lib/metaproxy")
     assert cfg.service.state_path == expected
     assert cfg.service.engine == "builtin"
     assert cfg.service.metrics is None
@@ -83,6 +82,12 @@ id = "r1"
     assert specs[0].maxconn == 200
 
 
+def test_netns_templates_name_store_fronts() -> None:
+    cfg = _compose({"front": {"network_netns": "ovnmeta-{id}"}, "network": [{"id": "n1"}]})
+    assert cfg.fronts[0].netns == "ovnmeta-n1"
+    assert cfg.front.netns_for("router", "r1") == "qrouter-r1"
+
+
 def test_environment_overrides_the_file() -> None:
     cfg = _compose(
         {"service": {"engine": "haproxy"}},
@@ -130,6 +135,10 @@ def test_environment_overrides_the_file() -> None:
             id="iface-too-long",
         ),
         pytest.param({"network": {"id": "n"}}, "network", id="not-an-array"),
+        pytest.param({"front": {"network_netns": "ns"}}, "front.network_netns", id="no-id"),
+        pytest.param(
+            {"front": {"router_netns": "{id}-{x}"}}, "front.router_netns", id="other-placeholder"
+        ),
     ],
 )
 def test_errors_name_the_key(doc: dict[str, Any], key: str) -> None:
@@ -179,3 +188,12 @@ def test_a_previously_generated_secret_is_reused(tmp_path: Path) -> None:
 )
 def test_metrics_endpoint(text: str, expected: MetricsEndpoint | None) -> None:
     assert MetricsEndpoint.parse(text) == expected
+
+
+def test_the_example_config_in_contrib_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "contrib" / "metaproxy.toml.example"
+    cfg = config.load(example, {})
+    assert [e.name for e in cfg.fronts] == [
+        "network-6e6b1a54-3a3f-4d8d-8a39-4b0c0b3e2f11",
+        "router-r1",
+    ]

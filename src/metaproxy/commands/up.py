@@ -12,11 +12,15 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaproxy import log as logsetup
 from metaproxy.commands.checkconfig import add_config_flag
 from metaproxy.service import settings
 from metaproxy.service.settings import Config
+
+if TYPE_CHECKING:
+    from metaproxy.metadata.store import SqliteStore
 
 NAME = "up"
 HELP = "run the host stack: embedded metadata server, agent and every network's front"
@@ -26,8 +30,8 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "With no config file it runs on the embedded defaults: state in /var/lib/metaproxy as "
-        "root (./metaproxy-state otherwise), SQLite store, a generated shared secret (0600), the "
+        "With no config file it runs on the embedded defaults: state in /var/lib/metaproxy, "
+        "SQLite store, a generated shared secret (0600), the "
         "builtin engine. SIGHUP re-reads the config; SIGTERM/SIGINT stop it cleanly."
     )
     add_config_flag(parser)
@@ -117,14 +121,14 @@ async def _main(cfg: Config, args: argparse.Namespace) -> int:
         from metaproxy.service.roles import open_configured_store
 
         demo = Demo()
-        store = open_configured_store(cfg)
+        demo_store = open_configured_store(cfg)
         try:
-            extra.append(demo.setup(store))
+            extra.append(demo.setup(demo_store))
         except BaseException:
-            demo.teardown(store)
+            demo.teardown(demo_store)
             raise
         finally:
-            store.close()
+            demo_store.close()
     host = Host(cfg, extra_fronts=extra, config_path=args.config, environ=os.environ)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -149,7 +153,7 @@ async def _main(cfg: Config, args: argparse.Namespace) -> int:
         if demo is not None:
             from metaproxy.service.roles import open_configured_store
 
-            store = None
+            store: SqliteStore | None = None
             try:
                 store = open_configured_store(cfg)
             except Exception as exc:

@@ -45,8 +45,9 @@ class Demo:
     port: int = 80
     instance_ip: str = INSTANCE_IP
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    mac: str = field(default_factory=lambda: "fa:16:3e:" + ":".join(
-        f"{b:02x}" for b in secrets.token_bytes(3)))
+    mac: str = field(
+        default_factory=lambda: "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+    )
 
     @property
     def network_id(self) -> str:

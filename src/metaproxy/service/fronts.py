@@ -109,7 +109,11 @@ class FrontSet:
         inode = netns_inode(netns, self._netns_root) if netns else None
         if netns and inode is None:
             if front.state != "netns-gone" or not front.last_error:
-                log.error("front %s: namespace %s does not exist; not starting it", front.entry.name, netns)
+                log.error(
+                    "front %s: namespace %s does not exist; not starting it",
+                    front.entry.name,
+                    netns,
+                )
             front.state, front.last_error = "netns-gone", f"namespace {netns} does not exist"
             return
         try:

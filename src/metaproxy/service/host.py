@@ -159,7 +159,15 @@ class Host:
         out = []
         for kind, ident in self.roles.store_fronts():
             try:
-                out.append(front_entry(kind, {"id": ident}, where=f"store {kind}", source="store"))
+                out.append(
+                    front_entry(
+                        kind,
+                        {"id": ident},
+                        where=f"store {kind}",
+                        defaults=self.cfg.front,
+                        source="store",
+                    )
+                )
             except ConfigError as exc:
                 log.warning("ignoring %s %r from the store: %s", kind, ident, exc)
         return out

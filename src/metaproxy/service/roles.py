@@ -111,7 +111,9 @@ class Roles:
             return []
         version = self.store.data_version()
         if self._fronts_cache[0] != version:
-            fronts: list[tuple[IdentityKind, str]] = [("network", n.id) for n in self.store.networks()]
+            fronts: list[tuple[IdentityKind, str]] = [
+                ("network", n.id) for n in self.store.networks()
+            ]
             fronts += [("router", r.id) for r in self.store.routers()]
             self._fronts_cache = (version, fronts)
         return list(self._fronts_cache[1])
@@ -139,7 +141,9 @@ class Roles:
 
     def metrics(self) -> list[Family]:
         lookups = Family("metaproxy_agent_lookups_total", "Store lookups by the agent.", "counter")
-        hits = Family("metaproxy_agent_cache_hits_total", "Lookups answered by the cache.", "counter")
+        hits = Family(
+            "metaproxy_agent_cache_hits_total", "Lookups answered by the cache.", "counter"
+        )
         responses = Family(
             "metaproxy_agent_responses_total", "Agent answers to fronts, by status.", "counter"
         )

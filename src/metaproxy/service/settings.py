@@ -5,15 +5,15 @@ Sections owned here: [service], [front] (defaults for every front), [[network]] 
 kept as their tables and handed to each role's own `from_mapping` where it builds its slice,
 so this module never duplicates another role's validation.
 
-Default state path: `/var/lib/metaproxy` when running as root (the FHS place for a daemon's
-state, and the default `metaproxy ns-proxy` uses), else `./metaproxy-state` — a non-root trial
-run must not fail on a permission error before it has done anything.
+One default state path, `/var/lib/metaproxy` (the FHS place for a daemon's state), the same as
+`metaproxy ns-proxy` and the store commands use: `metaproxy network add` and `metaproxy status`
+then find the running service's store and control socket without flags. A non-root run passes
+`--state-path` (or `METAPROXY_SERVICE__STATE_PATH`); `up --demo` uses a temporary one.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -42,13 +42,7 @@ ENGINES: tuple[Engine, ...] = ("builtin", "haproxy")
 LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROLE_SECTIONS = ("agent", "metadata", "store", "haproxy")
-ROOT_STATE_PATH = Path("/var/lib/metaproxy")
-USER_STATE_PATH = Path("metaproxy-state")
-
-
-def default_state_path() -> Path:
-    """`/var/lib/metaproxy` as root, `./metaproxy-state` otherwise (see the module docstring)."""
-    return ROOT_STATE_PATH if os.geteuid() == 0 else USER_STATE_PATH.absolute()
+DEFAULT_STATE_PATH = Path("/var/lib/metaproxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +164,14 @@ class FrontDefaults:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body: int = 64 * 1024
     maxconn: int = 1024
+    # Namespace names for fronts that do not name one (e.g. networks from the store): Neutron's
+    # DHCP/L3 agents use these; OVN's metadata agent uses "ovnmeta-{id}".
+    network_netns: str = "qdhcp-{id}"
+    router_netns: str = "qrouter-{id}"
+
+    def netns_for(self, kind: IdentityKind, ident: str) -> str:
+        template = self.network_netns if kind == "network" else self.router_netns
+        return validate_netns(template.replace("{id}", ident), key=f"front.{kind}_netns")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +207,6 @@ class FrontEntry:
             max_body=defaults.max_body,
             maxconn=defaults.maxconn,
         )
-
-
-def default_netns(kind: IdentityKind, ident: str) -> str:
-    """Neutron's namespace names: `qdhcp-<network>` and `qrouter-<router>`."""
-    return f"qdhcp-{ident}" if kind == "network" else f"qrouter-{ident}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +266,7 @@ def _table(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _service(table: dict[str, Any]) -> ServiceConfig:
-    state = _take(table, "service", "state_path", Path) or default_state_path()
+    state = _take(table, "service", "state_path", Path) or DEFAULT_STATE_PATH
     metrics = MetricsEndpoint.parse(str(table.pop("metrics", "")))
     secret_file = _take(table, "service", "shared_secret_file", Path)
     inline = _take(table, "service", "shared_secret", str) or ""
@@ -320,7 +317,19 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
     bind = _take(table, "front", "bind_address", str)
     if bind is not None:
         _check_address(bind, "front.bind_address")
+    templates = {}
+    for kind in ("network", "router"):
+        key = f"{kind}_netns"
+        template = _take(table, "front", key, str)
+        if template is not None:
+            if template.replace("{id}", "") == template or "{" in template.replace("{id}", ""):
+                raise ConfigError(
+                    f"front.{key}: {template!r} must contain {{id}} and no other placeholder",
+                    key=f"front.{key}",
+                )
+            templates[key] = template
     defaults = FrontDefaults(
+        **templates,
         bind_address=bind,
         port=_port(_take(table, "front", "port", int), "front.port"),
         user=resolve_user(table.pop("user", None), key="front.user"),
@@ -351,6 +360,7 @@ def front_entry(
     raw: Mapping[str, Any],
     *,
     where: str,
+    defaults: FrontDefaults,
     source: Literal["config", "store", "demo"] = "config",
 ) -> FrontEntry:
     """Validate one [[network]] / [[router]] table (or a store row shaped like one)."""
@@ -365,7 +375,7 @@ def front_entry(
         if netns is not None:
             validate_netns(netns, key=f"{where}.netns")
     else:
-        netns = default_netns(kind, ident)
+        netns = defaults.netns_for(kind, ident)
     bind = _take(table, where, "bind_address", str)
     if bind is not None:
         _check_address(bind, f"{where}.bind_address")
@@ -384,7 +394,7 @@ def front_entry(
     return entry
 
 
-def _entries(doc: Mapping[str, Any]) -> tuple[FrontEntry, ...]:
+def _entries(doc: Mapping[str, Any], defaults: FrontDefaults) -> tuple[FrontEntry, ...]:
     entries: list[FrontEntry] = []
     seen: set[str] = set()
     kinds: tuple[IdentityKind, ...] = ("network", "router")
@@ -396,7 +406,7 @@ def _entries(doc: Mapping[str, Any]) -> tuple[FrontEntry, ...]:
             where = f"{kind}[{index}]"
             if not isinstance(raw, dict):
                 raise ConfigError(f"{where} must be a table", key=where)
-            entry = front_entry(kind, raw, where=where)
+            entry = front_entry(kind, raw, where=where, defaults=defaults)
             if entry.name in seen:
                 raise ConfigError(f"{where}.id: {entry.name} is declared twice", key=f"{where}.id")
             seen.add(entry.name)
@@ -416,10 +426,11 @@ def compose(doc: Mapping[str, Any], environ: Mapping[str, str], source: Path | N
         name: {**_table(doc, name), **env_overrides(environ, name)}
         for name in ("service", "front", *ROLE_SECTIONS)
     }
+    front = _front_defaults(tables["front"])
     return Config(
         service=_service(tables["service"]),
-        front=_front_defaults(tables["front"]),
-        fronts=_entries(doc),
+        front=front,
+        fronts=_entries(doc, front),
         sections={name: tables[name] for name in ROLE_SECTIONS},
         source=source,
     )
@@ -456,6 +467,8 @@ def describe(cfg: Config) -> dict[str, Any]:
         "group": cfg.front.group,
         "max_body": cfg.front.max_body,
         "maxconn": cfg.front.maxconn,
+        "network_netns": cfg.front.network_netns,
+        "router_netns": cfg.front.router_netns,
         **{f"timeout_{f.name}": getattr(cfg.front.timeouts, f.name) for f in fields(Timeouts)},
     }
     fronts = [
