@@ -118,5 +118,6 @@ async def test_deleted_or_replaced_namespace_stops_that_front_only(tmp_path: Pat
     rows = {r["name"]: r for r in fs.status()}
     assert rows["network-a"]["state"] == "netns-gone"
     assert "was deleted" in rows["network-a"]["last_error"]
-    assert "was replaced" in rows["network-b"]["last_error"]
-    assert engine.running == set()
+    assert rows["network-b"]["state"] == "running"  # restarted in the new namespace at once
+    assert engine.calls[-2:] == [("stop", "network-b"), ("start", "network-b")]
+    assert engine.running == {"network-b"}

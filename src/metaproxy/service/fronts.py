@@ -164,6 +164,9 @@ class FrontSet:
             front.last_error = f"namespace {netns} {what}"
             front.changed_at = time.monotonic()
             gone.append(front.entry.name)
+            if inode is not None:
+                # A new namespace of the same name: serve it at once, not after RETRY_AFTER.
+                await self._start(front)
         return gone
 
     async def close(self) -> None:

@@ -11,6 +11,8 @@ Contract:
   the cap rather than given up on — the operator sees it in the log, in status and in metrics.
 - *unregister, then stop*: `remove` / `close` stop watching first, then SIGTERM, wait
   `stop_timeout`, SIGKILL, and run the child's `cleanup` (pidfile, config), logging failures.
+  `cleanup` runs only then: between respawns the start function itself deals with what the
+  dead child left (its config is still needed; its pidfile names a dead pid).
 """
 
 from __future__ import annotations
@@ -146,8 +148,6 @@ class Child:
                     await self._wake.wait()
             if self.state in ("stopping", "stopped"):
                 return
-            if self._cleanup is not None:
-                await self._cleanup()
             try:
                 self.proc = await self._start()
             except MetaproxyError as exc:
@@ -181,7 +181,10 @@ class Child:
             returncode = await terminate(self.proc, self.stop_timeout, name=self.name)
             log.info("%s stopped (%s)", self.name, describe_exit(returncode))
         if self._cleanup is not None:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            except Exception as exc:
+                log.error("cleaning up after %s failed: %s", self.name, exc)
         self.state = "stopped"
 
 
