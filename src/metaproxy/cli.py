@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # Each module defines NAME, HELP, configure(parser) and run(args) -> int.
 SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.nsproxy",
+    "metaproxy.commands.agent",
     "metaproxy.commands.checkconfig",
     "metaproxy.commands.up",
     "metaproxy.commands.status",
