@@ -87,7 +87,7 @@ class Stack:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, self.stderr = self.proc.communicate(timeout=10)
-            raise AssertionError("metaproxy up did not stop within the timeout after SIGTERM")
+            raise AssertionError("metaproxy up did not stop after SIGTERM") from None
         return self.proc.returncode
 
 

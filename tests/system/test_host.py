@@ -232,15 +232,17 @@ reader = openstack.MetadataReader("http://169.254.169.254", timeout=5, retries=0
 os_data = reader.read_v2()
 md = ec2.get_instance_metadata("latest", "http://169.254.169.254", timeout=5, retries=0)
 ud = ec2.get_instance_userdata("latest", "http://169.254.169.254", timeout=5, retries=0)
+def text(value):
+    return value.decode() if isinstance(value, bytes) else value
 json.dump({
     "uuid": os_data["metadata"]["uuid"],
     "hostname": os_data["metadata"]["hostname"],
     "os_keys": os_data["metadata"].get("public_keys"),
-    "os_userdata": (os_data.get("userdata") or b"").decode() if isinstance(os_data.get("userdata"), bytes) else os_data.get("userdata"),
+    "os_userdata": text(os_data.get("userdata")),
     "networkdata": os_data.get("networkdata") is not None,
     "ec2_instance_id": md["instance-id"],
     "ec2_keys": md.get("public-keys"),
-    "ec2_userdata": ud.decode() if isinstance(ud, bytes) else ud,
+    "ec2_userdata": text(ud),
 }, sys.stdout)
 """
 
