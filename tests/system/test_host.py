@@ -160,6 +160,7 @@ def test_status_and_metrics(stack: Stack) -> None:
     assert "metaproxy_agent_lookups_total" in metrics
     assert "metaproxy_agent_cache_hits_total" in metrics
     assert "# TYPE metaproxy_respawns_total counter" in metrics
+    assert f'metaproxy_upstream_latency_seconds_count{{network="{network_id}"}} ' in metrics
 
 
 def _scrape(path: Path) -> str:

@@ -41,7 +41,6 @@ class FrontStats:
     last_error: str = ""
     respawns: int = 0
     statuses: dict[str, int] = field(default_factory=dict)  # "200" → count
-    latency: Any = None  # a metrics.Histogram when the engine measures upstream latency
 
 
 class FrontEngine(Protocol):

@@ -227,11 +227,6 @@ class Host:
         )
         errors = Family("metaproxy_front_errors_total", "Front-side errors.", "counter")
         up = Family("metaproxy_front_up", "1 when the front is serving.", "gauge")
-        latency = Family(
-            "metaproxy_upstream_latency_seconds",
-            "Time from a request's arrival at a front to the upstream's answer.",
-            "histogram",
-        )
         respawns = Family(
             "metaproxy_respawns_total", "Times a supervised front process was respawned.", "counter"
         )
@@ -249,9 +244,7 @@ class Host:
                     requests.add(stats.requests, **labels, status="all")
                 errors.add(stats.errors, **labels)
                 respawns.add(stats.respawns, **labels)
-                if stats.latency is not None:
-                    stats.latency.export(latency, **labels)
-        return [requests, errors, up, latency, respawns, *self.roles.metrics()]
+        return [requests, errors, up, respawns, *self.roles.metrics()]
 
     def _summary(self) -> str:
         fronts = self.fronts.status() if self.fronts else []

@@ -8,13 +8,18 @@ and the shared secret — unless the operator's table already set it.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from metaproxy.config import IdentityKind
-from metaproxy.service.metrics import Family
+from metaproxy.metadata.records import PortMatch
+from metaproxy.service.metrics import Family, Histogram
 
 if TYPE_CHECKING:
+    from metaproxy.agent.config import AgentConfig
     from metaproxy.agent.server import AgentServer
+    from metaproxy.agent.upstream import Upstream
     from metaproxy.metadata.store import SqliteStore
     from metaproxy.service.settings import Config
 
@@ -30,6 +35,7 @@ class Roles:
         self.server: Any = None
         self.agent: AgentServer | None = None
         self._fronts_cache: tuple[object, list[tuple[IdentityKind, str]]] = (None, [])
+        self.latency: dict[str, Histogram] = {}  # network id → agent → server latency
 
     # -- config slices ------------------------------------------------------------------------
 
@@ -68,7 +74,9 @@ class Roles:
         self.store = open_store(store_cfg.path)
         if self.cfg.service.metadata_url is None:
             await self._start_server()
-        agent = AgentServer(AgentConfig.from_mapping(self.agent_table(), {}), self.store)
+        agent_cfg = AgentConfig.from_mapping(self.agent_table(), {})
+        agent = AgentServer(agent_cfg, self.store)
+        agent.upstream = _timed_upstream(agent_cfg, self.latency)
         await agent.start()
         self.agent = agent
 
@@ -152,7 +160,14 @@ class Roles:
             hits.add(getattr(self.agent.registry, "hits", 0))
             for status, count in sorted(self.agent.statuses.items()):
                 responses.add(count, status=str(status))
-        return [lookups, hits, responses]
+        latency = Family(
+            "metaproxy_upstream_latency_seconds",
+            "Time the metadata server (embedded or Nova) took to answer the agent, by network.",
+            "histogram",
+        )
+        for network, hist in sorted(self.latency.items()):
+            hist.export(latency, network=network)
+        return [lookups, hits, responses, latency]
 
 
 def open_configured_store(cfg: Config) -> SqliteStore:
@@ -161,3 +176,31 @@ def open_configured_store(cfg: Config) -> SqliteStore:
     from metaproxy.metadata.store import open_store
 
     return open_store(StoreConfig.from_mapping(Roles(cfg).store_table(), {}).path)
+
+
+def _timed_upstream(cfg: AgentConfig, latency: dict[str, Histogram]) -> Upstream:
+    """The agent's upstream client, observing each answer's latency per network."""
+    from metaproxy.agent.upstream import Reply, Upstream
+
+    class TimedUpstream(Upstream):
+        async def forward(
+            self,
+            method: str,
+            target: str,
+            client_headers: Iterable[tuple[str, str]],
+            body: bytes,
+            match: PortMatch,
+            forwarded_for: str,
+        ) -> Reply:
+            started = time.perf_counter()
+            try:
+                return await super().forward(
+                    method, target, client_headers, body, match, forwarded_for
+                )
+            finally:
+                hist = latency.get(match.network_id)
+                if hist is None:
+                    hist = latency[match.network_id] = Histogram()
+                hist.observe(time.perf_counter() - started)
+
+    return TimedUpstream(cfg.upstream, cfg.shared_secret)
