@@ -13,6 +13,7 @@ import asyncio
 import csv
 import io
 import logging
+import signal
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from metaproxy.config import FrontSpec
 from metaproxy.errors import CleanupError
 from metaproxy.haproxy import engine as hx
 from metaproxy.service.fronts import FrontStats
-from metaproxy.service.supervisor import Supervisor
+from metaproxy.service.supervisor import Drain, Supervisor
 
 if TYPE_CHECKING:
     from metaproxy.service.settings import Config
@@ -42,7 +43,10 @@ class HaproxyEngine:
     @classmethod
     def from_config(cls, cfg: Config) -> HaproxyEngine:
         settings = hx.HaproxySettings.from_mapping(cfg.section("haproxy"), {})
-        return cls(settings, Supervisor(stop_timeout=settings.stop_timeout))
+        # SIGUSR1 is haproxy's soft stop: it closes its listener and exits once the requests in
+        # flight are answered; SIGTERM (hard stop) follows after drain_timeout.
+        drain = Drain(signal.SIGUSR1, cfg.service.drain_timeout)
+        return cls(settings, Supervisor(stop_timeout=settings.stop_timeout, drain=drain))
 
     async def start(self, spec: FrontSpec) -> None:
         prepared = await asyncio.to_thread(hx.prepare, spec, self.settings)

@@ -55,10 +55,28 @@ class Backoff:
         return self.failures >= self.loop_after
 
 
-async def terminate(proc: asyncio.subprocess.Process, timeout: float, *, name: str) -> int:
-    """SIGTERM, wait up to `timeout`, then SIGKILL; return the exit status."""
+@dataclass(frozen=True)
+class Drain:
+    """A graceful stop before SIGTERM: e.g. haproxy's SIGUSR1 (stop listening, finish requests)."""
+
+    signal: signal.Signals
+    timeout: float
+
+
+async def terminate(
+    proc: asyncio.subprocess.Process, timeout: float, *, name: str, drain: Drain | None = None
+) -> int:
+    """[drain signal, wait], SIGTERM, wait up to `timeout`, then SIGKILL; the exit status."""
     if proc.returncode is not None:
         return proc.returncode
+    if drain is not None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(drain.signal)
+        try:
+            async with asyncio.timeout(drain.timeout):
+                return await proc.wait()
+        except TimeoutError:
+            log.info("%s still busy after %.1f s of draining; stopping it", name, drain.timeout)
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM)
     try:
@@ -92,8 +110,10 @@ class Child:
         stop_timeout: float = 5.0,
         backoff: Backoff | None = None,
         on_respawn: Callable[[str], None] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.name = name
+        self.drain = drain
         self._start = start
         self._cleanup = cleanup
         self.stop_timeout = stop_timeout
@@ -178,7 +198,9 @@ class Child:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.proc is not None:
-            returncode = await terminate(self.proc, self.stop_timeout, name=self.name)
+            returncode = await terminate(
+                self.proc, self.stop_timeout, name=self.name, drain=self.drain
+            )
             log.info("%s stopped (%s)", self.name, describe_exit(returncode))
         if self._cleanup is not None:
             try:
@@ -197,8 +219,10 @@ class Supervisor:
         stop_timeout: float = 5.0,
         backoff: Callable[[], Backoff] = Backoff,
         on_respawn: Callable[[str], None] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.stop_timeout = stop_timeout
+        self.drain = drain
         self._backoff = backoff
         self._on_respawn = on_respawn
         self.children: dict[str, Child] = {}
@@ -214,6 +238,7 @@ class Supervisor:
             stop_timeout=self.stop_timeout,
             backoff=self._backoff(),
             on_respawn=self._on_respawn,
+            drain=self.drain,
         )
         await child.launch()
         self.children[name] = child
