@@ -152,6 +152,8 @@ def test_status_and_metrics(stack: Stack) -> None:
     assert row["requests"] >= 4 and isinstance(row["pid"], int)
     status = stack.status()
     assert status["agent"]["state"] == "running" and status["server"]["state"] == "running"
+    for private in ("shared_secret", "control.sock", "metrics.sock", "metaproxy.db"):
+        assert (stack.state / private).stat().st_mode & 0o077 == 0, private
     assert status["agent"]["lookups"] >= 1
 
     metrics = _scrape(stack.state / "metrics.sock")
@@ -192,6 +194,21 @@ def test_network_added_while_running_is_served(stack: Stack) -> None:
     assert port.returncode == 0, port.stderr
     stack.wait_running(tag, timeout=20)
     assert stack.get(tag, "/latest/meta-data/instance-id") == (200, instance)
+
+
+def test_sighup_rereads_the_config(stack: Stack) -> None:
+    tag, pair = _pair(stack)
+    network_id = f"hup-{tag}"  # its template namespace (mp-net-hup-...) does not exist
+    instance = _add_tenant(stack.state / "metaproxy.db", network_id, SAME_IP, "fa:16:3e:00:00:09")
+    stack.instances[network_id] = instance
+    stack.pairs[network_id] = stack.pairs.pop(tag)
+    wait_for(lambda: stack.front(network_id)["state"] == "netns-gone", 15, "the store's front")
+    with stack.config.open("a") as fh:
+        fh.write(f'\n[[network]]\nid = "{network_id}"\nnetns = "{pair.net_ns}"\n')
+    assert stack.proc is not None
+    stack.proc.send_signal(signal.SIGHUP)
+    stack.wait_running(network_id, timeout=20)
+    assert stack.get(network_id, "/latest/meta-data/instance-id") == (200, instance)
 
 
 def test_deleted_namespace_is_reported_and_the_others_keep_serving(stack: Stack) -> None:
