@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from metaproxy.agent.config import AgentConfig
     from metaproxy.agent.server import AgentServer
     from metaproxy.agent.upstream import Upstream
+    from metaproxy.metadata.server import MetadataServer
     from metaproxy.metadata.store import SqliteStore
     from metaproxy.service.settings import Config
 
@@ -32,7 +33,7 @@ class Roles:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.store: SqliteStore | None = None
-        self.server: Any = None
+        self.server: MetadataServer | None = None
         self.agent: AgentServer | None = None
         self._fronts_cache: tuple[object, list[tuple[IdentityKind, str]]] = (None, [])
         self.latency: dict[str, Histogram] = {}  # network id → agent → server latency
@@ -71,20 +72,20 @@ class Roles:
         from metaproxy.metadata.store import open_store
 
         store_cfg = StoreConfig.from_mapping(self.store_table(), {})
-        self.store = open_store(store_cfg.path)
+        store = self.store = open_store(store_cfg.path)
         if self.cfg.service.metadata_url is None:
-            await self._start_server()
+            await self._start_server(store)
         agent_cfg = AgentConfig.from_mapping(self.agent_table(), {})
         agent = AgentServer(agent_cfg, self.store)
         agent.upstream = _timed_upstream(agent_cfg, self.latency)
         await agent.start()
         self.agent = agent
 
-    async def _start_server(self) -> None:
+    async def _start_server(self, store: SqliteStore) -> None:
         from metaproxy.metadata.config import MetadataConfig
         from metaproxy.metadata.server import MetadataServer
 
-        server = MetadataServer(MetadataConfig.from_mapping(self.metadata_table(), {}), self.store)
+        server = MetadataServer(MetadataConfig.from_mapping(self.metadata_table(), {}), store)
         await server.start()
         self.server = server
 
