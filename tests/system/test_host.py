@@ -7,12 +7,15 @@ SIGTERM and checks that nothing is left: no process, socket, pidfile or haproxy 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,3 +335,71 @@ def _read_until_curl(proc: subprocess.Popen[str], lines: list[str]) -> bool:
     line = proc.stdout.readline()
     lines.append(line)
     return "metaproxy status --state-path" in line
+
+
+class _SlowNova(http.server.BaseHTTPRequestHandler):
+    """A Nova metadata API that takes its time: requests are in flight when SIGTERM comes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        time.sleep(1.5)
+        body = f"slow answer for {self.headers.get('X-Instance-ID')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_lets_requests_in_flight_finish(engine: str, short_tmp: Path) -> None:
+    nova = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowNova)
+    threading.Thread(target=nova.serve_forever, daemon=True).start()
+    state = short_tmp / "state"
+    st = Stack(state=state, config=short_tmp / "m.toml", engine=engine)
+    try:
+        tag, _ = _pair(st)
+        state.mkdir(mode=0o700)
+        instance = _add_tenant(state / "metaproxy.db", tag, SAME_IP, "fa:16:3e:00:00:07")
+        st.config.write_text(
+            f'[service]\nstate_path = "{state}"\nengine = "{engine}"\ndrain_timeout = 5\n'
+            f'metadata_url = "http://127.0.0.1:{nova.server_address[1]}"\n'
+            'shared_secret = "nova-shared-secret"\n'
+            '[front]\nnetwork_netns = "mp-net-{id}"\n'
+        )
+        st.start()
+        st.wait_running(tag)
+        curl = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                st.pairs[tag].inst_ns,
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                f"http://{netns.METADATA_IP}/latest/meta-data/instance-id",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.7)  # the request is now waiting on the slow server
+        assert st.stop() == 0, st.stderr
+        out, err = curl.communicate(timeout=30)
+        assert curl.returncode == 0, err
+        assert out == f"slow answer for {instance}"
+        assert leftovers(state) == []
+    finally:
+        nova.shutdown()
+        nova.server_close()
+        if st.proc is not None and st.proc.poll() is None:
+            st.proc.kill()
+            st.proc.communicate(timeout=10)
+        for pair in st.pairs.values():
+            netns.delete_pair(pair)
