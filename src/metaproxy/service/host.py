@@ -36,7 +36,7 @@ from typing import Any
 
 from metaproxy import __version__
 from metaproxy.config import FrontSpec
-from metaproxy.errors import ConfigError, MetaproxyError
+from metaproxy.errors import ConfigError
 from metaproxy.security import files
 from metaproxy.service import settings
 from metaproxy.service.control import ControlServer, claim_socket_path
@@ -87,7 +87,6 @@ class Host:
         self.metrics: MetricsServer | None = None
         self.started = time.time()
         self._reload = asyncio.Event()
-        self._store_version: object = None
         self.ready = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -127,8 +126,8 @@ class Host:
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_config()
-            assert self.fronts is not None  # noqa: S101 — set by _start before _watch runs
-            await self.fronts.check_namespaces()
+            if self.fronts is not None:
+                await self.fronts.check_namespaces()
             await self._reconcile()
 
     async def _shutdown(self) -> None:
@@ -174,7 +173,6 @@ class Host:
 
     async def _reconcile(self) -> None:
         if self.fronts is not None:
-            self._store_version = self.roles.store_version()
             await self.fronts.reconcile(self.desired())
 
     def request_reload(self) -> None:
@@ -269,11 +267,3 @@ def _default_engine(cfg: Config) -> FrontEngine:
     from metaproxy.service import engines
 
     return engines.create(cfg)
-
-
-def store_changed(host: Host) -> bool:
-    """True when the store committed something since the last reconcile (cheap to call)."""
-    return host.roles.store_version() != host._store_version
-
-
-__all__ = ["Host", "MetaproxyError", "ensure_secret"]
