@@ -314,9 +314,12 @@ def test_demo_from_the_command_line() -> None:
         assert result.returncode == 0, result.stderr
         meta = json.loads(result.stdout)
         assert meta["name"] == "demo-instance"
-        state_line = next(line for line in lines if "metaproxy status --state-path" in line)
+        state_line = next(line for line in lines if " status --state-path" in line)
         state = Path(state_line.split()[-1])
         assert state.is_dir()
+        status = cli.run("status", "--state-path", str(state))
+        assert status.returncode == 0, status.stderr
+        assert "running" in status.stdout
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -334,7 +337,7 @@ def _read_until_curl(proc: subprocess.Popen[str], lines: list[str]) -> bool:
         raise AssertionError(f"metaproxy up --demo exited: {proc.communicate()[1]}")
     line = proc.stdout.readline()
     lines.append(line)
-    return "metaproxy status --state-path" in line
+    return " status --state-path" in line
 
 
 class _SlowNova(http.server.BaseHTTPRequestHandler):

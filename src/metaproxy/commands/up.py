@@ -140,12 +140,9 @@ async def _main(cfg: Config, args: argparse.Namespace) -> int:
             await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if host.ready.is_set():
-                print(demo.instructions(), file=sys.stdout, flush=True)
-                print(
-                    f"  metaproxy status --state-path {cfg.service.state_path}\n",
-                    file=sys.stdout,
-                    flush=True,
-                )
+                status = f"{_program()} status --state-path {cfg.service.state_path}"
+                prefix = "sudo " if os.geteuid() == 0 else ""
+                print(demo.instructions(prefix + status), file=sys.stdout, flush=True)
         await runner
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -162,3 +159,11 @@ async def _main(cfg: Config, args: argparse.Namespace) -> int:
             if store is not None:
                 store.close()
     return 0
+
+
+def _program() -> str:
+    """How to call this metaproxy again (scripts/demo runs .venv/bin/metaproxy, not on PATH)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "metaproxy" and argv0.exists():
+        return str(argv0.absolute())
+    return "metaproxy"

@@ -163,7 +163,7 @@ class Demo:
                     log.error("demo: deleting namespace %s failed: %s", ns, exc)
             self.namespaces.clear()
 
-    def instructions(self) -> str:
+    def instructions(self, status_command: str) -> str:
         """The commands to try, printed once the stack is serving."""
         base = (
             f"http://{self.bind_address}"
@@ -182,8 +182,11 @@ class Demo:
             "",
             f"instance {self.instance_id} (ip {self.instance_ip}, mac {self.mac}) "
             f"on network {self.network_id}",
-            "status: metaproxy status (same --config); stop with Ctrl-C — the demo removes "
-            "everything it made.",
+            "The service's state (fronts, agent, server, counters):",
+            "",
+            f"  {status_command}",
+            "",
+            "Stop with Ctrl-C (or SIGTERM): the demo removes everything it made.",
             "",
         ]
         return "\n".join(lines)
