@@ -24,7 +24,7 @@ import pytest
 
 from metaproxy.metadata import model
 from metaproxy.metadata.store import open_store
-from support import cli, netns
+from support import cli, guest, netns
 from support.hoststack import Stack, leftovers, wait_for
 
 HAVE_HAPROXY = any(Path(p).exists() for p in ("/usr/sbin/haproxy", "/usr/bin/haproxy"))
@@ -246,28 +246,6 @@ def test_killed_haproxy_is_respawned(stack: Stack) -> None:
     assert stack.front(network_id)["respawns"] == 1
 
 
-CLOUD_INIT_READER = r"""
-import json, sys
-from cloudinit.sources.helpers import openstack, ec2
-reader = openstack.MetadataReader("http://169.254.169.254", timeout=5, retries=0)
-os_data = reader.read_v2()
-md = ec2.get_instance_metadata("latest", "http://169.254.169.254", timeout=5, retries=0)
-ud = ec2.get_instance_userdata("latest", "http://169.254.169.254", timeout=5, retries=0)
-def text(value):
-    return value.decode() if isinstance(value, bytes) else value
-json.dump({
-    "uuid": os_data["metadata"]["uuid"],
-    "hostname": os_data["metadata"]["hostname"],
-    "os_keys": os_data["metadata"].get("public_keys"),
-    "os_userdata": text(os_data.get("userdata")),
-    "networkdata": os_data.get("networkdata") is not None,
-    "ec2_instance_id": md["instance-id"],
-    "ec2_keys": md.get("public-keys"),
-    "ec2_userdata": text(ud),
-}, sys.stdout)
-"""
-
-
 @pytest.mark.cloudinit
 @pytest.mark.skipif(
     not Path("/usr/lib/python3/dist-packages/cloudinit").is_dir()
@@ -275,22 +253,32 @@ json.dump({
     reason="Debian's cloud-init package (and /usr/bin/python3) is not installed",
 )
 def test_cloud_init_readers_read_their_instance(stack: Stack) -> None:
-    for network_id, instance_id in stack.instances.items():
+    """Debian's cloud-init readers, inside each instance namespace, read their own instance."""
+    for i, (network_id, instance_id) in enumerate(stack.instances.items()):
+        mac = f"fa:16:3e:00:00:0{i + 1}"
         result = netns.in_ns(
             stack.pairs[network_id].inst_ns,
             "/usr/bin/python3",
             "-c",
-            CLOUD_INIT_READER,
-            timeout=60,
+            guest.READER_SCRIPT,
+            f"http://{netns.METADATA_IP}",
+            mac,
+            timeout=120,
         )
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stderr[-4000:]
         got = json.loads(result.stdout)
-        assert got["uuid"] == got["ec2_instance_id"] == instance_id
+        assert got["uuid"] == got["instance-id"] == instance_id
         assert got["hostname"] == f"vm-{network_id}"
-        assert got["os_userdata"] == got["ec2_userdata"] == f"#cloud-config\n# for {network_id}\n"
-        assert f"AAAAkey{network_id}" in json.dumps(got["os_keys"])
-        assert f"AAAAkey{network_id}" in json.dumps(got["ec2_keys"])
-        assert got["networkdata"]
+        assert got["userdata"] == got["ec2_userdata"] == f"#cloud-config\n# for {network_id}\n"
+        assert got["public_keys"] == {"k0": f"ssh-ed25519 AAAAkey{network_id} t"}
+        for ec2_md in (got["ec2"], got["os_ec2"]):
+            assert ec2_md["instance-id"] == instance_id
+            assert ec2_md["local-ipv4"] == SAME_IP
+            assert ec2_md["mac"] == mac
+        assert got["network_config"]["config"][0]["mac_address"] == mac
+        assert result.stderr.count("Read from ") >= 20
+        for marker in guest.FAILURE_MARKERS:
+            assert marker not in result.stderr, result.stderr[-4000:]
 
 
 def test_demo_from_the_command_line() -> None:

@@ -50,14 +50,6 @@ class Roles:
             table["shared_secret"] = svc.shared_secret.reveal()
         return table
 
-    def metadata_table(self) -> dict[str, Any]:
-        svc = self.cfg.service
-        table = self.cfg.section("metadata")
-        table.setdefault("listen", f"unix:{svc.metadata_socket}")
-        if not any("shared_secret" in k for k in table):
-            table["shared_secret"] = svc.shared_secret.reveal()
-        return table
-
     def store_table(self) -> dict[str, Any]:
         table = self.cfg.section("store")
         table.setdefault("path", str(self.cfg.service.store_path))
@@ -85,7 +77,14 @@ class Roles:
         from metaproxy.metadata.config import MetadataConfig
         from metaproxy.metadata.server import MetadataServer
 
-        server = MetadataServer(MetadataConfig.from_mapping(self.metadata_table(), {}), store)
+        svc = self.cfg.service
+        config = MetadataConfig.from_mapping(
+            self.cfg.section("metadata"),
+            {},
+            secret=svc.shared_secret,
+            listen=f"unix:{svc.metadata_socket}",
+        )
+        server = MetadataServer(config, store)
         await server.start()
         self.server = server
 
