@@ -222,8 +222,14 @@ class AgentConfig:
         return _build(values)
 
     @classmethod
-    def from_neutron_ini(cls, text: str, *, source: str = "metadata_agent.ini") -> AgentConfig:
-        """Build from the text of a Neutron metadata_agent.ini (its [DEFAULT] section)."""
+    def from_neutron_ini(
+        cls,
+        text: str,
+        environ: Mapping[str, str] | None = None,
+        *,
+        source: str = "metadata_agent.ini",
+    ) -> AgentConfig:
+        """Build from a Neutron metadata_agent.ini's [DEFAULT]; METAPROXY_AGENT__* overrides."""
         # interpolation=None: a secret may contain '%'; oslo's own $var syntax is handled below.
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
@@ -235,6 +241,7 @@ class AgentConfig:
         raw = {k: v.replace("$state_path", state_path) for k, v in defaults.items()}
         values = _canonical({k: v for k, v in raw.items() if k in NEUTRON_ALIASES}, strict=False)
         values.setdefault("socket", f"{state_path}/metadata_proxy")
+        values.update(_canonical(env_overrides(environ or {}, "agent"), strict=True))
         return _build(values)
 
 
@@ -247,7 +254,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}", key="config") from exc
     if is_neutron_ini(text):
-        return AgentConfig.from_neutron_ini(text, source=str(path))
+        return AgentConfig.from_neutron_ini(text, environ, source=str(path))
     document = read_toml(path)
     table = document.get("agent", {})
     if not isinstance(table, dict):
