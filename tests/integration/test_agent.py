@@ -913,3 +913,20 @@ async def test_stop_leaves_a_socket_someone_else_put_there(
         assert config.socket_path.is_socket()
     finally:
         newcomer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    head = request_bytes([*ident(), ("Expect", "100-continue"), ("Content-Length", "5")])
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(head)
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            [(status, _)] = await _read_answers(reader, 1)
+        finally:
+            writer.close()
+    assert status == 200
+    assert metadata.seen[0].body == b"hello"
