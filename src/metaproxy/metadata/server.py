@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -297,6 +298,16 @@ class _HttpProtocol(asyncio.Protocol):
             self._idle.cancel()
         self._transport = None
 
+    # A client that pipelines requests but never reads the answers must not grow our buffer:
+    # stop reading while the transport's write buffer is over its high-water mark.
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def _arm(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
@@ -305,6 +316,10 @@ class _HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._arm()
@@ -416,6 +431,11 @@ class MetadataServer:
         self._server.close()
         for connection in list(self._connections):
             connection.close()
+        if self._connections:
+            # close() waits to flush; a peer that stopped reading would hold us forever.
+            await asyncio.sleep(0.1)
+            for connection in list(self._connections):
+                connection.abort()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
         self._server = None
@@ -433,7 +453,7 @@ class MetadataServer:
 
 
 def _remove_stale_socket(path: os.PathLike[str]) -> None:
-    """A socket left by a previous run is ours to replace; any other file is not."""
+    """A dead socket left by a previous run is ours to replace; a live one or any file is not."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -442,7 +462,18 @@ def _remove_stale_socket(path: os.PathLike[str]) -> None:
         raise ConfigError(
             f"metadata.listen: {path} exists and is not a socket", key="metadata.listen"
         )
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except OSError:
+        os.unlink(path)  # nobody answers: stale
+    else:
+        raise ConfigError(
+            f"metadata.listen: {path} is in use by another server", key="metadata.listen"
+        )
+    finally:
+        probe.close()
 
 
 async def serve(config: MetadataConfig, store: Store) -> None:
