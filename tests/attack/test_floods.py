@@ -67,11 +67,14 @@ def connections(front: fronts.Front, source: str, count: int, first: bytes) -> I
         for _ in range(count):
             try:
                 s = socket.create_connection(front.addr, timeout=2, source_address=(source, 0))
+            except OSError:
+                break
+            socks.append(s)  # closed below even when the send fails (else a ResourceWarning)
+            try:
                 if first:
                     s.sendall(first)
             except OSError:
                 break
-            socks.append(s)
         yield len(socks)
     finally:
         for s in socks:
