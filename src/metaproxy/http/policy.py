@@ -83,6 +83,15 @@ def check_head_bytes(head: bytes) -> Refusal | None:
     return None
 
 
+def has_bad_bytes(partial: bytes | bytearray, start: int = 0) -> bool:
+    """True when an incomplete head already contains a refused byte sequence (from `start`).
+
+    A CR as the very last byte may still be followed by its LF, so it does not count yet.
+    """
+    match = _BAD_HEAD_BYTES.search(partial, start)
+    return match is not None and not (match.start() == len(partial) - 1 and partial[-1] == 13)
+
+
 def check_request_line(method: bytes, target: bytes, version: bytes) -> Refusal | None:
     """Method before target: CONNECT host:443 is a 405, GET host:443 a 400."""
     if method not in ALLOWED_METHODS:
