@@ -5,6 +5,7 @@ MetaproxyError
 ├── ProcessError            spawn / exit / check failed     (argv, returncode, stderr tail)
 │   └── UntrustedBinary     a binary or directory failed validation
 ├── NamespaceError          setns / namespace missing / fd passing
+├── FileError               a private file or directory could not be made safely (path, errno)
 ├── CleanupError            a file or process we made could not be removed
 ├── StoreError              the store refused a change      → exit 1
 ├── ClientProtocolError     a guest sent bad HTTP           → 4xx (status_hint)
@@ -66,6 +67,15 @@ class NamespaceError(MetaproxyError):
     def __init__(self, message: str, *, netns: str | None = None) -> None:
         super().__init__(message)
         self.netns = netns
+
+
+class FileError(MetaproxyError):
+    """A file or directory we own could not be created or written safely."""
+
+    def __init__(self, message: str, *, path: str, errno_name: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno_name = errno_name
 
 
 class CleanupError(MetaproxyError):

@@ -1,0 +1,73 @@
+"""Pidfiles, and deciding whether a pid is really ours before signalling it.
+
+A pid alone proves nothing: after a reboot or a crash the number in a stale pidfile may name
+any unrelated process. A pid is ours only when `/proc/<pid>/cmdline` holds the arguments we
+started it with (for haproxy: `-f <our config path>`), so `find_ours` never returns a pid
+whose command line does not match, and callers signal only what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from metaproxy.security import files
+
+log = logging.getLogger(__name__)
+
+_MAX_PIDFILE = 64
+
+
+def write(path: str | os.PathLike[str], pid: int) -> None:
+    """Write `pid` to `path` atomically, 0600, never through a planted symlink."""
+    files.write_private(path, f"{pid}\n")
+
+
+def read(path: str | os.PathLike[str]) -> int | None:
+    """The pid in `path`, or None when the file is missing or does not hold one pid."""
+    data = files.read_private(path, limit=_MAX_PIDFILE)
+    if data is None:
+        return None
+    text = data.decode("ascii", "replace").strip()
+    if not text.isdigit() or not 1 < int(text) < 2**22 + 1:
+        log.warning("ignoring pidfile %s: it does not hold a pid (%r)", os.fspath(path), text[:20])
+        return None
+    return int(text)
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The argv of a live process, or None when it is gone (or a zombie, whose argv is empty)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]
+
+
+def matches(pid: int, expected: Sequence[str]) -> bool:
+    """True when process `pid` is alive and `expected` appears, in order, within its argv."""
+    argv = cmdline(pid)
+    if argv is None or not expected:
+        return False
+    n = len(expected)
+    return any(argv[i : i + n] == list(expected) for i in range(len(argv) - n + 1))
+
+
+def find_ours(path: str | os.PathLike[str], expected: Sequence[str]) -> int | None:
+    """The pid from `path` if that process's argv contains `expected`; otherwise None (logged)."""
+    pid = read(path)
+    if pid is None:
+        return None
+    if not matches(pid, expected):
+        log.warning(
+            "pidfile %s names pid %d, which is not ours (no %s in its command line); ignoring it",
+            os.fspath(path),
+            pid,
+            " ".join(expected),
+        )
+        return None
+    return pid
