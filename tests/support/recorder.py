@@ -74,7 +74,9 @@ class Recorder:
 
         self._server = Server(str(self.path), Handler)
         self.path.chmod(0o666)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

@@ -197,9 +197,10 @@ class _Connection(asyncio.Protocol):
             return
         head_len = end + 4
         self.scanned = 0
-        parsed = wire.parse_head(bytes(buf[:head_len]))
+        raw = bytes(buf[:head_len])
+        parsed = wire.parse_head(raw)
         if isinstance(parsed, Refusal):
-            self._refuse(parsed)
+            self._refuse(parsed, *wire.peek_request_line(raw))
             return
         method, target, version, headers = parsed
         front = self.front
@@ -347,13 +348,12 @@ class _Connection(asyncio.Protocol):
     def _log(self, method: bytes, target: bytes, status: int, size: int, started: float) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
-        path = target[:_LOG_PATH_MAX].decode("ascii", "backslashreplace")
         access_log.info(
             "%s client=%s method=%s path=%s status=%d bytes=%d duration_ms=%.1f",
             self.front.label,
             self.peer,
-            method.decode("ascii", "backslashreplace"),
-            path,
+            wire.printable(method[:_LOG_PATH_MAX]),
+            wire.printable(target[:_LOG_PATH_MAX]),
             status,
             size,
             (time.monotonic() - started) * 1000,

@@ -20,6 +20,8 @@ HEAD_END = b"\r\n\r\n"
 # RFC 9112 §3: method SP request-target SP HTTP-version; exactly one space each.
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ ]+) HTTP/([0-9]\.[0-9])\r\n")
 
+_VISIBLE = re.compile(rb"[\x21-\x5b\x5d-\x7e]*")
+
 Head = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]
 
 
@@ -61,6 +63,19 @@ def parse_head(head: bytes) -> Head | Refusal:
     except httptools.HttpParserError as exc:
         return Refusal(400, f"llhttp: {exc}")
     return method, target, version, fields.headers
+
+
+def peek_request_line(head: bytes | bytearray) -> tuple[bytes, bytes]:
+    """Method and target of a refused head, for the access log only (never trusted)."""
+    line = _REQUEST_LINE.match(head)
+    return (line.group(1), line.group(2)) if line is not None else (b"-", b"-")
+
+
+def printable(data: bytes) -> str:
+    """Visible ASCII as is, every other byte as \\xNN: safe for a one-line log."""
+    if _VISIBLE.fullmatch(data) is not None:
+        return data.decode("ascii")
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x5C else f"\\x{b:02x}" for b in data)
 
 
 def serialize_request(request: policy.UpstreamRequest, body: bytes = b"") -> bytes:
