@@ -103,10 +103,45 @@ def configure(parser: argparse.ArgumentParser) -> None:
     action = parser.add_argument_group("action")
     _flag(
         action,
+        "foreground",
+        action="store_true",
+        help="stay attached and serve until SIGTERM/SIGINT, then stop and remove what was made "
+        "(default: detach, returning once the front serves with its pid in --pid_file)",
+    )
+    _flag(
+        action,
         "destroy",
         action="store_true",
         help="stop the front started with these identity/state flags and remove its files",
     )
+
+    builtin = parser.add_argument_group("builtin engine")
+    _flag(builtin, "log_file", metavar="PATH", type=Path, help="detached: append logs here")
+    _flag(
+        builtin,
+        "max_conn_per_source",
+        metavar="N",
+        type=int,
+        help="connections one instance address may hold (default 64; more get 429)",
+    )
+    _flag(
+        builtin,
+        "rate_limit_enabled",
+        action="store_const",
+        const=True,
+        help="refuse a source over the rate limits below with 429 (Neutron's option)",
+    )
+    _flag(builtin, "ip_versions", metavar="4,6", help="rate limit these IP versions (default 4)")
+    for name, what in (
+        ("base_window_duration", "seconds of the base window (default 10)"),
+        ("burst_window_duration", "seconds of the burst window (default 10)"),
+    ):
+        _flag(builtin, name, metavar="SECONDS", type=float, help=what)
+    for name, what in (
+        ("base_query_rate_limit", "requests allowed per base window (default 10)"),
+        ("burst_query_rate_limit", "requests allowed per burst window (default 10)"),
+    ):
+        _flag(builtin, name, metavar="N", type=int, help=what)
 
 
 def spec_from_args(args: argparse.Namespace) -> FrontSpec:

@@ -16,6 +16,7 @@ pipelined requests are answered in order.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import time
@@ -447,3 +448,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
+    """`metaproxy ns-proxy --engine builtin` (see `metaproxy.front.process`)."""
+    from metaproxy.front import process
+
+    return process.run_ns_proxy(spec, args)
+
+
+def destroy_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
+    """`metaproxy ns-proxy --engine builtin --destroy`."""
+    from metaproxy.front import process
+
+    return process.destroy_ns_proxy(spec, args)
