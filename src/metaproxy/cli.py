@@ -16,7 +16,17 @@ from metaproxy.errors import MetaproxyError
 log = logging.getLogger(__name__)
 
 # Each module defines NAME, HELP, configure(parser) and run(args) -> int.
-SUBCOMMANDS: tuple[str, ...] = ("metaproxy.commands.nsproxy",)
+SUBCOMMANDS: tuple[str, ...] = (
+    "metaproxy.commands.nsproxy",
+    "metaproxy.commands.agent",
+    "metaproxy.commands.checkconfig",
+    "metaproxy.commands.instance",
+    "metaproxy.commands.port",
+    "metaproxy.commands.network",
+    "metaproxy.commands.router",
+    "metaproxy.commands.importer",
+    "metaproxy.commands.exporter",
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -15,9 +15,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from metaproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metaproxy.service.settings import Config
 
 IdentityKind = Literal["network", "router"]
 
@@ -246,3 +249,14 @@ def read_secret(value: str | None, file: str | None, *, key: str) -> Secret:
             raise ConfigError(f"{key}_file: cannot read {file}: {exc.strerror}", key=key) from exc
         return Secret(text)
     return Secret(value or "")
+
+
+def load(path: Path | None, environ: Mapping[str, str]) -> Config:
+    """The composed, frozen config of `metaproxy up` (a `service.settings.Config`).
+
+    The composition lives with the host service, which alone knows every section; the import is
+    deferred so this bottom layer never imports the layers above it at module load.
+    """
+    from metaproxy.service import settings
+
+    return settings.load(path, environ)

@@ -1,0 +1,105 @@
+"""Starting the fronts to compare: metaproxy engines (`ns-proxy --foreground`) and references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import proc, systems
+from bench.context import Context, metaproxy_argv
+from bench.procs import BenchError, Child, free_port, http_get, tcp_ready, wait_until
+
+
+@dataclass
+class Front:
+    """A running front on 127.0.0.1:port, or the reason it could not start."""
+
+    name: str
+    label: str
+    port: int = 0
+    child: Child | None = None
+    error: str = ""
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def up(self) -> bool:
+        return self.child is not None and not self.error
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the front's processes (children included: haproxy under metaproxy)."""
+        assert self.child is not None
+        self.pids = proc.tree([self.child.pid])
+        return proc.cpu_seconds(self.pids)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+LABELS = {
+    "builtin": "metaproxy builtin",
+    "haproxy-engine": "metaproxy haproxy engine",
+    "haproxy-neutron": "haproxy, Neutron config",
+    "haproxy-keepalive": "haproxy, keep-alive tuned",
+}
+
+
+def start_engine(ctx: Context, engine: str, upstream: Path, *, network_id: str) -> Front:
+    """`metaproxy ns-proxy --engine ENGINE --foreground` on 127.0.0.1 with a free port."""
+    name = "builtin" if engine == "builtin" else "haproxy-engine"
+    front = Front(name, LABELS[name])
+    try:
+        front.port = free_port()
+        state = ctx.workdir / f"state-{engine}"
+        argv = [
+            *metaproxy_argv(),
+            "--log-level",
+            ctx.options.front_log_level,
+            "ns-proxy",
+            "--engine",
+            engine,
+            "--foreground",
+            "--network_id",
+            network_id,
+            "--bind_address",
+            "127.0.0.1",
+            "--metadata_port",
+            str(front.port),
+            "--metadata_proxy_socket",
+            str(upstream),
+            "--state_path",
+            str(state),
+            "--pid_file",
+            str(state / "front.pid"),
+        ]
+        front.child = ctx.track(Child(f"front-{engine}", argv, ctx.workdir))
+        wait_until(f"{engine} front", tcp_ready("127.0.0.1", front.port), 30, front.child)
+    except BenchError as exc:
+        front.error = str(exc).splitlines()[-1][:200]
+        ctx.log(f"{name} unavailable: {exc}")
+    return front
+
+
+def start_reference(ctx: Context, kind: str, upstream: Path) -> Front:
+    name = f"haproxy-{kind}"
+    front = Front(name, LABELS[name])
+    try:
+        front.port = free_port()
+        front.child = ctx.track(
+            systems.start_haproxy_reference(kind, ctx.workdir, front.port, upstream)
+        )
+    except BenchError as exc:
+        front.error = str(exc).splitlines()[-1][:200]
+    return front
+
+
+def probe(front: Front, path: str, expect: int = 200) -> None:
+    """One request through the front; a front that answers wrongly is marked unavailable."""
+    if not front.up:
+        return
+    try:
+        status, body = http_get("127.0.0.1", front.port, path)
+    except OSError as exc:
+        front.error = f"probe failed: {exc}"
+        return
+    if status != expect:
+        front.error = f"probe {path} answered {status}: {body[:80]!r}"

@@ -1,0 +1,199 @@
+"""The agent's Unix-socket HTTP service: check the front's identity headers, look up, sign, relay.
+
+Programmatic use (e.g. `metaproxy up`, in its own event loop)::
+
+    agent = AgentServer(config, directory)   # directory: a metadata.records.PortDirectory
+    await agent.start()                      # the socket exists, mode and backlog applied
+    ...
+    await agent.stop()                       # stops serving, closes the pool, removes the socket
+
+`serve(config, directory, stop)` does the same until the `stop` event is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from metaproxy.agent.config import AgentConfig
+from metaproxy.agent.identity import ClientKey, client_key
+from metaproxy.agent.listener import Listener, bind_unix
+from metaproxy.agent.lookup import NotFound, PortRegistry, Registry
+from metaproxy.agent.upstream import Reply, Upstream, generic_body
+from metaproxy.config import resolve_group
+from metaproxy.errors import ClientProtocolError
+from metaproxy.metadata.records import PortDirectory
+
+log = logging.getLogger(__name__)
+
+BODY_READ_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 60.0
+MAX_HEADERS = 100
+
+
+class AgentServer:
+    """One agent: a listening socket, a registry (with its cache) and an upstream pool."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        directory: PortDirectory | None = None,
+        *,
+        registry: Registry | None = None,
+    ) -> None:
+        if registry is None:
+            if directory is None:
+                raise ValueError("AgentServer needs a directory or a registry")
+            registry = PortRegistry(directory, ttl=config.cache_ttl)
+        self.config = config
+        self.registry = registry
+        self.upstream = Upstream(config.upstream, config.shared_secret)
+        self.statuses: collections.Counter[int] = collections.Counter()
+        self._listener: Listener | None = None
+        self._runner: web.ServerRunner | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.config.socket_path
+
+    async def start(self) -> None:
+        """Bind the socket and serve; on failure nothing is left behind."""
+        cfg = self.config
+        group = resolve_group(cfg.proxy_group, key="agent.proxy_group")
+        mode = cfg.socket_mode_bits()
+        listener = bind_unix(
+            cfg.socket_path,
+            mode=mode,
+            backlog=cfg.backlog,
+            group=group if cfg.socket_mode == "group" else None,
+        )
+        try:
+            await self.upstream.start()
+            server = web.Server(
+                self._handle,
+                access_log=None,
+                keepalive_timeout=KEEPALIVE_TIMEOUT,
+                max_line_size=cfg.max_line,
+                max_field_size=cfg.max_line,
+                max_headers=MAX_HEADERS,
+            )
+            runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5)
+            await runner.setup()
+            # SockSite calls listen() again: pass the backlog, or asyncio's default (100) wins.
+            site = web.SockSite(runner, listener.sock, backlog=cfg.backlog)
+            await site.start()
+        except BaseException:
+            listener.close()
+            await self.upstream.close()
+            raise
+        self._listener, self._runner = listener, runner
+        log.info(
+            "metadata agent listening on %s (mode %04o, backlog %d), upstream %s",
+            cfg.socket_path,
+            mode,
+            cfg.backlog,
+            cfg.upstream.url,
+        )
+
+    async def stop(self) -> None:
+        """Stop serving, close the upstream pool and remove the socket file."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.upstream.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            log.info("metadata agent on %s stopped", self.config.socket_path)
+
+    async def __aenter__(self) -> AgentServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _handle(self, request: BaseRequest) -> web.StreamResponse:
+        reply = await self._answer(request)
+        self.statuses[reply.status] += 1
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+    async def _answer(self, request: BaseRequest) -> Reply:
+        try:
+            key = client_key(lambda name: request.headers.getall(name, []))
+            target = request.raw_path
+            if not target.startswith("/"):
+                raise ClientProtocolError(f"request target {target[:80]!r} is not origin-form")
+            body = await self._read_body(request)
+        except ClientProtocolError as exc:
+            # Fronts build these headers themselves: a bad one is a front bug or a spoof.
+            log.warning("refusing request from a front: %s", exc)
+            return _error(exc.status_hint)
+        try:
+            return await self._relay(request, key, target, body)
+        except NotFound as exc:
+            log.info("no single port for this request: %s", exc)
+            return _error(404)
+        except Exception:
+            log.exception("unexpected error while relaying a metadata request")
+            return _error(500)
+
+    async def _relay(self, request: BaseRequest, key: ClientKey, target: str, body: bytes) -> Reply:
+        match, cached = self.registry.resolve(key)
+        headers = request.headers.items()
+        reply = await self.upstream.forward(request.method, target, headers, body, match, key.ip)
+        if reply.status == 404 and cached:
+            # The metadata server does not know a cached instance: the port may have moved to
+            # another instance since. Ask the store once more, and retry if the answer changed.
+            fresh, _ = self.registry.resolve(key, fresh=True)
+            if fresh != match:
+                log.info(
+                    "port for %s on %s %s moved from instance %s to %s: retrying",
+                    key.ip,
+                    key.kind,
+                    key.id,
+                    match.instance_id,
+                    fresh.instance_id,
+                )
+                reply = await self.upstream.forward(
+                    request.method, target, headers, body, fresh, key.ip
+                )
+        return reply
+
+    async def _read_body(self, request: BaseRequest) -> bytes:
+        """The whole body, by Content-Length (or chunks), within max_body; else 413/400."""
+        if not request.body_exists:
+            return b""
+        limit = self.config.max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ClientProtocolError(f"body of {length} bytes over {limit}", status_hint=413)
+        try:
+            async with asyncio.timeout(BODY_READ_TIMEOUT):
+                if length is not None:
+                    return await request.content.readexactly(length)
+                chunks: list[bytes] = []
+                total = 0
+                while chunk := await request.content.readany():
+                    total += len(chunk)
+                    if total > limit:
+                        raise ClientProtocolError(f"body over {limit} bytes", status_hint=413)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            raise ClientProtocolError(f"incomplete request body: {type(exc).__name__}") from None
+
+
+def _error(status: int) -> Reply:
+    return Reply(status, generic_body(status), (("Content-Type", "text/plain"),))
+
+
+async def serve(config: AgentConfig, directory: PortDirectory, stop: asyncio.Event) -> None:
+    """Run an agent until `stop` is set; the socket is removed on the way out."""
+    async with AgentServer(config, directory):
+        await stop.wait()

@@ -1,0 +1,224 @@
+"""The signed request to the metadata server, and Neutron's mapping of what comes back.
+
+One pooled aiohttp session (keep-alive) per agent, over TCP, TLS or a Unix socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import yarl
+
+from metaproxy.agent.config import UpstreamConfig
+from metaproxy.config import Secret
+from metaproxy.errors import ConfigError, UpstreamError
+from metaproxy.metadata.records import PortMatch
+from metaproxy.security.signing import sign_instance_id
+
+log = logging.getLogger(__name__)
+
+# The client headers worth relaying; everything else a guest sent stays behind (allow-list).
+FORWARDED_HEADERS = (
+    "Accept",
+    "Content-Type",
+    "X-aws-ec2-metadata-token",
+    "X-aws-ec2-metadata-token-ttl-seconds",
+)
+# What the metadata server may tell the instance besides the body.
+RETURNED_HEADERS = ("Content-Type", "X-aws-ec2-metadata-token-ttl-seconds")
+
+# Neutron's pass-through set, plus 401: an IMDSv2 server answers 401 for a missing or expired
+# token, and the guest (cloud-init, botocore) must see it to fetch a new one. Neutron raises on
+# 401 and sends a 500, which sends such clients into their error path instead of a token refresh.
+PASSED_THROUGH = frozenset({200, 400, 401, 403, 404, 409, 500, 502, 503, 504})
+# Bodies the metadata server wrote for the guest; 5xx and 403 get a short generic one instead.
+BODY_PASSED = frozenset({200, 400, 401, 404, 409})
+
+_REASONS = {
+    400: b"Bad Request\n",
+    403: b"Forbidden\n",
+    404: b"Not Found\n",
+    500: b"Internal Server Error\n",
+    502: b"Bad Gateway\n",
+    503: b"Service Unavailable\n",
+    504: b"Gateway Timeout\n",
+}
+
+
+def generic_body(status: int) -> bytes:
+    return _REASONS.get(status, b"Error\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the agent sends back to the front."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def map_status(status: int) -> int:
+    """Neutron's rule: the pass-through set as is, any other status is a bad gateway."""
+    return status if status in PASSED_THROUGH else 502
+
+
+def upstream_headers(
+    client: Iterable[tuple[str, str]], match: PortMatch, forwarded_for: str, secret: Secret
+) -> dict[str, str]:
+    """The exact headers sent upstream: allow-listed client headers, then Nova's four."""
+    wanted = {name.lower(): name for name in FORWARDED_HEADERS}
+    headers: dict[str, str] = {}
+    for name, value in client:
+        canonical = wanted.get(name.lower())
+        if canonical is not None and canonical not in headers:
+            headers[canonical] = value
+    headers["X-Forwarded-For"] = forwarded_for
+    headers["X-Instance-ID"] = match.instance_id
+    headers["X-Tenant-ID"] = match.project_id
+    headers["X-Instance-ID-Signature"] = sign_instance_id(secret, match.instance_id)
+    return headers
+
+
+def ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext | None:
+    """TLS for an https upstream: CA bundle or the explicit insecure switch; client cert."""
+    if cfg.scheme != "https":
+        return None
+    try:
+        if cfg.insecure:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(cafile=str(cfg.ca_cert) if cfg.ca_cert else None)
+        if cfg.client_cert and cfg.client_key:
+            context.load_cert_chain(str(cfg.client_cert), str(cfg.client_key))
+    except (OSError, ssl.SSLError) as exc:
+        # Name the files, not their contents: a key file's text must not reach a message.
+        raise ConfigError(
+            f"agent TLS setup failed (ca_cert={cfg.ca_cert}, client_cert={cfg.client_cert}, "
+            f"client_key={cfg.client_key}): {type(exc).__name__}: {getattr(exc, 'strerror', '')}",
+            key="agent.ca_cert",
+        ) from None
+    return context
+
+
+class Upstream:
+    """A pooled client for the metadata server; `start` before use, `close` when done."""
+
+    def __init__(self, cfg: UpstreamConfig, secret: Secret) -> None:
+        self._cfg = cfg
+        self._secret = secret
+        self._base = "http://localhost" if cfg.scheme == "unix" else cfg.url
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl = ssl_context(cfg)
+
+    async def start(self) -> None:
+        cfg = self._cfg
+        connector: aiohttp.BaseConnector
+        if cfg.scheme == "unix":
+            connector = aiohttp.UnixConnector(path=str(cfg.unix_path), limit=cfg.pool_size)
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=cfg.pool_size,
+                ssl=self._ssl if self._ssl is not None else False,
+                ttl_dns_cache=300,
+            )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout, sock_connect=cfg.connect_timeout),
+            # The request carries only what upstream_headers builds (plus Host/Content-Length).
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            auto_decompress=True,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(
+        self,
+        method: str,
+        target: str,
+        client_headers: Iterable[tuple[str, str]],
+        body: bytes,
+        match: PortMatch,
+        forwarded_for: str,
+    ) -> Reply:
+        """Send the signed request; map the answer (or the failure) to what the front gets."""
+        headers = upstream_headers(client_headers, match, forwarded_for, self._secret)
+        try:
+            return await self._send(method, target, headers, body)
+        except UpstreamError as exc:
+            log.warning(
+                "metadata server %s failed for instance %s: %s",
+                self._cfg.url,
+                match.instance_id,
+                exc,
+            )
+            return Reply(exc.status_hint, generic_body(exc.status_hint))
+
+    async def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Reply:
+        session = self._session
+        if session is None:
+            raise UpstreamError("agent upstream is not started", status_hint=503)
+        # A pooled connection the server closed while idle fails at once: one retry on a fresh
+        # connection is safe for every metadata request (reads, and token PUTs that only mint).
+        for attempt in (1, 2):
+            try:
+                # encoded=True: relay the target byte for byte (yarl would re-quote %2F etc.).
+                url = yarl.URL(self._base + target, encoded=True)
+                async with session.request(method, url, headers=headers, data=body or None) as resp:
+                    data = await resp.read()
+                    return self._reply(resp.status, resp.headers, data)
+            except aiohttp.ConnectionTimeoutError as exc:
+                raise UpstreamError(
+                    "metadata server unreachable: connect timed out", status_hint=503
+                ) from exc
+            except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
+                raise UpstreamError(
+                    f"metadata server unreachable: {type(exc).__name__}: {exc.strerror or exc}",
+                    status_hint=503,
+                ) from exc
+            except TimeoutError as exc:
+                raise UpstreamError("metadata server timed out", status_hint=504) from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if attempt == 2:
+                    raise UpstreamError(
+                        f"metadata server closed the connection early: {type(exc).__name__}"
+                    ) from exc
+            except (aiohttp.ClientError, ValueError) as exc:
+                raise UpstreamError(
+                    f"metadata server answered garbage: {type(exc).__name__}"
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reply(self, status: int, headers: Mapping[str, str], data: bytes) -> Reply:
+        mapped = map_status(status)
+        if mapped != status:
+            log.warning(
+                "metadata server %s answered unexpected status %d: sending 502",
+                self._cfg.url,
+                status,
+            )
+            return Reply(502, generic_body(502))
+        if status == 403:
+            log.warning(
+                "metadata server %s answered 403 Forbidden: the shared secrets most likely do "
+                "not match",
+                self._cfg.url,
+            )
+        elif status >= 500:
+            log.warning("metadata server %s answered %d", self._cfg.url, status)
+        if status not in BODY_PASSED:
+            return Reply(status, generic_body(status))
+        kept = tuple(
+            (name, value) for name in RETURNED_HEADERS if (value := headers.get(name)) is not None
+        )
+        return Reply(status, data, kept)

@@ -1,0 +1,31 @@
+"""Inventory documents as text: JSON or YAML in, JSON or YAML out (PyYAML's safe subset)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import yaml
+
+from metaproxy.errors import StoreError
+from metaproxy.metadata import model
+
+Format = Literal["json", "yaml"]
+
+
+def parse(text: bytes, *, source: str) -> model.Inventory:
+    """Parse a JSON or YAML document (JSON is YAML's subset) and validate it, or StoreError."""
+    try:
+        doc: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{source}: not valid JSON or YAML: {exc}", field="document") from exc
+    if doc is None:
+        doc = {}
+    return model.inventory_from_mapping(doc)
+
+
+def render(inventory: model.Inventory, fmt: Format) -> str:
+    doc = model.inventory_to_mapping(inventory)
+    if fmt == "json":
+        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    return str(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False))
