@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.context import Context, Options
 from bench.procs import BenchError
-from bench.report import ScenarioResult, as_json, render
+from bench.report import Check, ScenarioResult, as_json, render
 
 SCENARIOS = {
     "front": "bench.scenario_front",
@@ -58,10 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     parser.add_argument(
-        "--front-log-level",
+        "--report", type=Path, help="also write a Markdown report (command, machine, tables)"
+    )
+    parser.add_argument(
+        "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="--log-level of metaproxy fronts (INFO includes the per-request access log)",
+        help="--log-level of the metaproxy processes measured (default WARNING; INFO adds the "
+        "per-request access log)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     return parser
@@ -72,7 +76,9 @@ def _version(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done else "?"
+    text = (done.stdout or done.stderr).strip()
+    first = text.splitlines()[0] if text else "?"
+    return first.split(" - ")[0].split(" Copyright")[0].strip()
 
 
 def machine() -> dict[str, Any]:
@@ -99,6 +105,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def markdown_report(meta: dict[str, Any], results: list[ScenarioResult]) -> str:
+    """The whole run as a Markdown document: how it was produced, then every table."""
+    lines = [
+        "# metaproxy benchmark results",
+        "",
+        f"Command (as root, from the repository root): `{meta['command']}`",
+        "",
+        f"- date: {meta['date']}; commit {meta['commit']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, Linux {meta['kernel']}, "
+        f"Python {meta['python']}",
+        f"- tools: {meta['haproxy']}; {meta['nginx']}; {meta['wrk']}",
+        f"- load average (1 min) at start {meta['loadavg_start']:.2f}, "
+        f"at end {meta.get('loadavg_end', 0.0):.2f} (the machine is shared; see the notes)",
+        "",
+        render(results, markdown=True),
+    ]
+    return "\n".join(lines)
+
+
 def run_scenario(name: str, options: Options) -> ScenarioResult:
     module = importlib.import_module(SCENARIOS[name])
     ctx = Context.create(options, name)
@@ -106,7 +131,9 @@ def run_scenario(name: str, options: Options) -> ScenarioResult:
     try:
         result: ScenarioResult = module.run(ctx)
     except BenchError as exc:
+        reason = str(exc).strip().splitlines()[-1][:160]
         result = ScenarioResult(name, module.TITLE, skipped=str(exc))
+        result.checks.append(Check(f"{name}: every target", None, "-", None, f"skipped: {reason}"))
     finally:
         ctx.close()
     result.raw["seconds"] = round(time.monotonic() - started, 1)
@@ -122,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         rounds=args.rounds or (1 if args.quick else 5),
         duration=args.duration or (2.0 if args.quick else 8.0),
-        front_log_level=args.front_log_level,
+        log_level=args.log_level,
         verbose=args.verbose,
     )
     signal.signal(signal.SIGTERM, _interrupt)
@@ -145,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(document, indent=2) + "\n")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(markdown_report(meta, results))
     if args.json:
         print(json.dumps(document, indent=2))
     else:

@@ -17,7 +17,7 @@ class Options:
     quick: bool = False
     rounds: int = 5
     duration: float = 8.0
-    front_log_level: str = "WARNING"
+    log_level: str = "WARNING"
     verbose: bool = False
 
 

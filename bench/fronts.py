@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import proc, systems
+from bench import proc, systems, wrk
 from bench.context import Context, metaproxy_argv
 from bench.procs import BenchError, Child, free_port, http_get, tcp_ready, wait_until
 
@@ -20,15 +20,16 @@ class Front:
     child: Child | None = None
     error: str = ""
     pids: list[int] = field(default_factory=list)
+    also: list[int] = field(default_factory=list)  # more processes on the path (agent, server)
 
     @property
     def up(self) -> bool:
         return self.child is not None and not self.error
 
     def cpu_seconds(self) -> float:
-        """CPU time of the front's processes (children included: haproxy under metaproxy)."""
+        """CPU time of the front's processes (haproxy under metaproxy included) and `also`."""
         assert self.child is not None
-        self.pids = proc.tree([self.child.pid])
+        self.pids = proc.tree([self.child.pid, *self.also])
         return proc.cpu_seconds(self.pids)
 
     def url(self, path: str) -> str:
@@ -43,17 +44,20 @@ LABELS = {
 }
 
 
-def start_engine(ctx: Context, engine: str, upstream: Path, *, network_id: str) -> Front:
+def start_engine(
+    ctx: Context, engine: str, upstream: Path, *, network_id: str, tag: str = ""
+) -> Front:
     """`metaproxy ns-proxy --engine ENGINE --foreground` on 127.0.0.1 with a free port."""
     name = "builtin" if engine == "builtin" else "haproxy-engine"
     front = Front(name, LABELS[name])
     try:
         front.port = free_port()
-        state = ctx.workdir / f"state-{engine}"
+        tag = tag or engine
+        state = ctx.workdir / f"state-{tag}"
         argv = [
             *metaproxy_argv(),
             "--log-level",
-            ctx.options.front_log_level,
+            ctx.options.log_level,
             "ns-proxy",
             "--engine",
             engine,
@@ -71,7 +75,7 @@ def start_engine(ctx: Context, engine: str, upstream: Path, *, network_id: str) 
             "--pid_file",
             str(state / "front.pid"),
         ]
-        front.child = ctx.track(Child(f"front-{engine}", argv, ctx.workdir))
+        front.child = ctx.track(Child(f"front-{tag}", argv, ctx.workdir))
         wait_until(f"{engine} front", tcp_ready("127.0.0.1", front.port), 30, front.child)
     except BenchError as exc:
         front.error = str(exc).splitlines()[-1][:200]
@@ -103,3 +107,25 @@ def probe(front: Front, path: str, expect: int = 200) -> None:
         return
     if status != expect:
         front.error = f"probe {path} answered {status}: {body[:80]!r}"
+
+
+@dataclass
+class Sample:
+    """One wrk run against one front."""
+
+    round: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_req: float | None
+    errors: int
+    requests: int
+
+
+def measure(front: Front, path: str, conns: int, seconds: float, script: Path, rnd: int) -> Sample:
+    """wrk against `front` for `seconds`, with the CPU its processes used meanwhile."""
+    cpu0 = front.cpu_seconds()
+    res = wrk.run(front.url(path), connections=conns, seconds=seconds, script=script)
+    cpu1 = front.cpu_seconds()
+    cpu = (cpu1 - cpu0) / res.requests * 1e6 if res.requests else None
+    return Sample(rnd, res.rps, res.p50_ms, res.p99_ms, cpu, res.errors, res.requests)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 from bench import fronts, systems, wrk
 from bench.context import Context
@@ -14,24 +13,6 @@ NAME = "front"
 TITLE = "1. Front only: wrk -> front -> nginx (Unix socket)"
 PATH = "/latest/meta-data/instance-id"
 CONNECTIONS = (1, 32)
-
-
-@dataclass
-class Sample:
-    round: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    cpu_us_per_req: float | None
-    errors: int
-
-
-def measure(front: fronts.Front, conns: int, seconds: float, script: Path, rnd: int) -> Sample:
-    cpu0 = front.cpu_seconds()
-    res = wrk.run(front.url(PATH), connections=conns, seconds=seconds, script=script)
-    cpu1 = front.cpu_seconds()
-    cpu = (cpu1 - cpu0) / res.requests * 1e6 if res.requests else None
-    return Sample(rnd, res.rps, res.p50_ms, res.p99_ms, cpu, res.errors)
 
 
 def run(ctx: Context) -> ScenarioResult:
@@ -52,13 +33,15 @@ def run(ctx: Context) -> ScenarioResult:
     for f in live:  # warm up: imports, pools, first connections
         wrk.run(f.url(PATH), connections=8, seconds=1, script=script)
 
-    samples: dict[tuple[str, int], list[Sample]] = defaultdict(list)
+    samples: dict[tuple[str, int], list[fronts.Sample]] = defaultdict(list)
     for rnd in range(opts.rounds):
         shift = rnd % len(live)
         for f in live[shift:] + live[:shift]:
             for conns in CONNECTIONS:
                 ctx.log(f"round {rnd + 1}/{opts.rounds} {f.name} c={conns}")
-                samples[(f.name, conns)].append(measure(f, conns, opts.duration, script, rnd))
+                samples[(f.name, conns)].append(
+                    fronts.measure(f, PATH, conns, opts.duration, script, rnd)
+                )
 
     def med(name: str, conns: int, attr: str) -> float | None:
         values = [getattr(s, attr) for s in samples.get((name, conns), [])]
@@ -102,8 +85,7 @@ def run(ctx: Context) -> ScenarioResult:
         "interleaved, order rotated each round",
         "CPU us/req: utime+stime of the front's processes (haproxy under metaproxy included) "
         "during the run / requests",
-        f"metaproxy fronts run with --log-level {opts.front_log_level}; "
-        "reference haproxies log nothing",
+        f"metaproxy fronts run with --log-level {opts.log_level}; reference haproxies log nothing",
     ]
     table.notes += [f"{f.label}: unavailable ({f.error})" for f in all_fronts if not f.up]
     result.tables.append(table)

@@ -26,6 +26,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.router",
     "metaproxy.commands.importer",
     "metaproxy.commands.exporter",
+    "metaproxy.commands.metadata_server",
 )
 
 EXIT_OK = 0

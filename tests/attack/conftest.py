@@ -26,6 +26,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     table = tally.markdown()
     terminalreporter.write_sep("=", "attack summary (tests/attack)")
     terminalreporter.write_line(table)
+    for line in tally.NOTES:
+        terminalreporter.write_line(f"  {line}")
     for line in tally.failures():
         terminalreporter.write_line(f"GOT THROUGH / NOT SURVIVED: {line}")
     out = os.environ.get("METAPROXY_ATTACK_TABLE")

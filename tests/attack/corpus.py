@@ -278,7 +278,7 @@ def forgery_lines(name: str, value: str) -> Iterator[tuple[str, list[bytes]]]:
     yield "lower", [n.lower() + b": " + v]
     yield "upper", [n.upper() + b": " + v]
     yield "mixed", [_mixed(name).encode() + b": " + v]
-    if b"-" in n:  # `Forwarded` has no dash: its "underscore" spelling would be the real name
+    if b"-" in n:
         yield "underscore", [n.replace(b"-", b"_") + b": " + v]
         yield "underscore-lower", [n.replace(b"-", b"_").lower() + b": " + v]
     yield "repeated", [n + b": " + v, n + b": " + v]
@@ -324,6 +324,28 @@ def _forgery() -> Iterator[Case]:
         "refuse",
         403,
     )
+    # The IMDSv2 relay rule must hold for every spelling a metadata server routes to the token.
+    for label, target in (
+        ("trailing-slash", "/latest/api/token/"),
+        ("double-slash", "//latest/api/token"),
+        ("inner-double-slash", "/latest//api/token"),
+        ("query", "/latest/api/token?x=1"),
+        ("percent-encoded", "/latest/api/%74oken"),
+        ("encoded-slash", "/latest%2fapi%2ftoken"),
+        ("upper", "/LATEST/API/TOKEN"),
+    ):
+        yield Case(
+            f"token-put-with-xff-{label}",
+            "forgery",
+            req(
+                target,
+                b"X-aws-ec2-metadata-token-ttl-seconds: 21600",
+                b"X-Forwarded-For: " + FORGED_IP.encode(),
+                method=b"PUT",
+            ),
+            "refuse",
+            403,
+        )
     yield Case(
         "token-put-clean",
         "forgery",
@@ -403,10 +425,7 @@ def _protocol() -> Iterator[Case]:
             method=b"POST",
             body=b"hello" + smuggled(),
         ),
-        # Content-Length frames "hello"; the request after it is a genuine pipelined one
-        # (RFC 9110 §10.1.1: the client may send content without waiting for 100), so two
-        # forwards are right; check_upstream still demands the true identity on both.
-        forwards=2,
+        forwards=2,  # the bytes after the body are a second, pipelined request
         responses=2,
     )
     yield Case("http09", c, b"GET /latest/meta-data/\r\n")

@@ -21,7 +21,14 @@ class Row:
 
 
 ROWS: dict[tuple[str, str], Row] = {}
+NOTES: list[str] = []
 _LOCK = threading.Lock()
+
+
+def note(text: str) -> None:
+    """A measured figure worth printing under the table (latencies, memory)."""
+    with _LOCK:
+        NOTES.append(text)
 
 
 def record(
@@ -32,7 +39,7 @@ def record(
         row = ROWS.setdefault((cls, target), Row())
         row.tried += tried
         row.through += through
-        if example and len(row.examples) < 3:
+        if example and len(row.examples) < 12:
             row.examples.append(example)
 
 
@@ -42,7 +49,7 @@ def fault(cls: str, target: str, *, survived: bool, example: str | None = None) 
         row = ROWS.setdefault((cls, target), Row())
         row.faults += 1
         row.survived += int(survived)
-        if not survived and example and len(row.examples) < 3:
+        if not survived and example and len(row.examples) < 12:
             row.examples.append(example)
 
 

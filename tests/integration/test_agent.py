@@ -632,3 +632,88 @@ async def test_directory_writable_by_others_is_refused(
     with pytest.raises(ConfigError, match="writable by group or others"):
         await AgentServer(config, directory).start()
     assert not config.socket_path.exists()
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+async def test_body_over_the_limit_is_413_and_nothing_goes_upstream(
+    short_tmp: Path, directory: MemoryDirectory, metadata: MetadataServer
+) -> None:
+    config = make_config(short_tmp, metadata.url, max_body=1024)
+    async with AgentServer(config, directory) as server:
+        data = request_bytes(ident(), method="POST", body=b"x" * 1025)
+        resp = await raw_request(server.socket_path, data)
+        assert resp.status == 413
+        ok = await raw_request(
+            server.socket_path, request_bytes(ident(), method="POST", body=b"x" * 1024)
+        )
+        assert ok.status == 200
+    assert [len(s.body) for s in metadata.seen] == [1024]
+
+
+async def test_chunked_body_is_read_whole_and_bounded(
+    short_tmp: Path, directory: MemoryDirectory, metadata: MetadataServer
+) -> None:
+    def chunked(body: bytes) -> bytes:
+        head = request_bytes([*ident(), ("Transfer-Encoding", "chunked")], method="POST")
+        pieces = [body[i : i + 700] for i in range(0, len(body), 700)]
+        return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+    config = make_config(short_tmp, metadata.url, max_body=4096)
+    async with AgentServer(config, directory) as server:
+        body = os.urandom(3000)
+        assert (await raw_request(server.socket_path, chunked(body))).status == 200
+        assert (await raw_request(server.socket_path, chunked(b"y" * 5000))).status == 413
+    assert [s.body for s in metadata.seen] == [body]
+
+
+async def test_oversized_header_line_is_refused_and_nothing_goes_upstream(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    data = request_bytes([("X-Big", "b" * 9000), *ident()])
+    resp = await raw_request(agent.socket_path, data)
+    assert 400 <= resp.status < 500
+    assert metadata.seen == []
+
+
+async def test_too_many_headers_are_refused(agent: AgentServer, metadata: MetadataServer) -> None:
+    data = request_bytes([*[(f"X-H{i}", "v") for i in range(150)], *ident()])
+    resp = await raw_request(agent.socket_path, data)
+    assert 400 <= resp.status < 500
+    assert metadata.seen == []
+
+
+async def test_absolute_form_target_is_400(agent: AgentServer, metadata: MetadataServer) -> None:
+    data = request_bytes(ident(), target="http://evil.example/latest/meta-data/")
+    resp = await raw_request(agent.socket_path, data)
+    assert resp.status == 400
+    assert metadata.seen == []
+
+
+async def test_store_failure_is_500_not_a_guess(
+    agent: AgentServer, metadata: MetadataServer, directory: MemoryDirectory
+) -> None:
+    def broken(*args: object) -> list[object]:
+        raise RuntimeError("database is locked")
+
+    directory.ports_by_ip = broken  # type: ignore[method-assign]
+    resp = await raw_request(agent.socket_path, request_bytes(ident()))
+    assert resp.status == 500
+    assert metadata.seen == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root (CI is root)")
+async def test_group_mode_hands_the_socket_to_the_proxy_group(
+    short_tmp: Path, directory: MemoryDirectory
+) -> None:
+    import grp
+
+    try:
+        gid = grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        gid = 65534
+    config = make_config(short_tmp, "http://127.0.0.1:9", socket_mode="group", proxy_group=str(gid))
+    async with AgentServer(config, directory) as server:
+        st = os.stat(server.socket_path)
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o664)

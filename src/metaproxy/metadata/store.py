@@ -148,8 +148,13 @@ class SqliteStore:
                 yield self._db
                 self._db.execute("COMMIT")
                 self._local_writes += 1
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                # SQLite rolls back by itself on SQLITE_FULL / IOERR: a second ROLLBACK would
+                # raise "no transaction is active" and hide the real cause.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write store {self.path}: {exc}") from exc
                 raise
 
     @contextmanager
