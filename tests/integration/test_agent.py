@@ -407,9 +407,9 @@ async def test_keep_alive_reuses_one_upstream_connection(
         resp = await raw_request(agent.socket_path, request_bytes(ident()))
         assert resp.status == 200
     assert len(metadata.seen) == 5
-    connector = agent.upstream._session.connector  # type: ignore[union-attr]
-    assert connector is not None
-    assert sum(len(v) for v in connector._conns.values()) == 1  # one idle pooled connection
+    pool = agent.upstream._pool
+    assert pool is not None
+    assert len(pool._idle) == 1  # one pooled connection served all five
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -717,3 +717,87 @@ async def test_group_mode_hands_the_socket_to_the_proxy_group(
     async with AgentServer(config, directory) as server:
         st = os.stat(server.socket_path)
         assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o664)
+
+
+# -- the upstream client's framing and pooling ---------------------------------------------------
+
+
+async def _raw_upstream(
+    short_tmp: Path, answer: bytes, *, close: bool
+) -> tuple[asyncio.Server, Path, list[bytes]]:
+    """A Unix-socket server that answers every request with `answer` (then closes if asked)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head)
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    path = short_tmp / "raw.sock"
+    return await asyncio.start_unix_server(handle, str(path)), path, seen
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close",
+            b"until-close",
+            id="close-delimited",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"abcde",
+            id="chunked",
+        ),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!", b"old!", id="http-1.0"),
+    ],
+)
+async def test_upstream_framings(
+    short_tmp: Path, directory: MemoryDirectory, answer: bytes, body: bytes
+) -> None:
+    raw, path, seen = await _raw_upstream(short_tmp, answer, close=True)
+    try:
+        async with AgentServer(make_config(short_tmp, f"unix:{path}"), directory) as server:
+            for _ in range(2):
+                resp = await raw_request(server.socket_path, request_bytes(ident()))
+                assert (resp.status, resp.body) == (200, body)
+        assert len(seen) == 2
+    finally:
+        raw.close()
+        await raw.wait_closed()
+
+
+async def test_connection_closed_while_idle_is_retried_once(
+    short_tmp: Path, directory: MemoryDirectory
+) -> None:
+    # Keep-alive framing, but the server closes after each answer: the pooled connection is
+    # dead by the next request, which must still succeed (on a fresh connection).
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    raw, path, seen = await _raw_upstream(short_tmp, answer, close=True)
+    try:
+        async with AgentServer(make_config(short_tmp, f"unix:{path}"), directory) as server:
+            for _ in range(3):
+                resp = await raw_request(server.socket_path, request_bytes(ident()))
+                assert (resp.status, resp.body) == (200, b"ok")
+                await asyncio.sleep(0.05)  # let the close arrive while idle
+        assert len(seen) == 3
+    finally:
+        raw.close()
+        await raw.wait_closed()
+
+
+async def test_head_request_has_no_body(agent: AgentServer, metadata: MetadataServer) -> None:
+    resp = await raw_request(agent.socket_path, request_bytes(ident(), method="HEAD"))
+    assert resp.status == 200
+    assert metadata.seen[0].method == "HEAD"

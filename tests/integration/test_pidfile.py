@@ -74,3 +74,9 @@ def test_own_process_matches() -> None:
     assert argv
     assert pidfile.matches(os.getpid(), argv[:1])
     assert not pidfile.matches(os.getpid(), [])
+
+
+def test_symlinked_pidfile_is_no_pid(short_tmp: Path) -> None:
+    (short_tmp / "real.pid").write_text(f"{os.getpid()}\n")
+    (short_tmp / "x.pid").symlink_to(short_tmp / "real.pid")
+    assert pidfile.read(short_tmp / "x.pid") is None

@@ -139,6 +139,9 @@ class AgentServer:
         except NotFound as exc:
             log.info("no single port for this request: %s", exc)
             return _error(404)
+        except ClientProtocolError as exc:
+            log.warning("refusing request from a front: %s", exc)
+            return _error(exc.status_hint)
         except Exception:
             log.exception("unexpected error while relaying a metadata request")
             return _error(500)

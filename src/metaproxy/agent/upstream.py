@@ -1,21 +1,20 @@
 """The signed request to the metadata server, and Neutron's mapping of what comes back.
 
-One pooled aiohttp session (keep-alive) per agent, over TCP, TLS or a Unix socket.
+One keep-alive pool (agent/client.py) per agent, over TCP, TLS or a Unix socket.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import aiohttp
-import yarl
-
+from metaproxy.agent.client import Answer, HttpPool
 from metaproxy.agent.config import UpstreamConfig
 from metaproxy.config import Secret
-from metaproxy.errors import ConfigError, UpstreamError
+from metaproxy.errors import ClientProtocolError, ConfigError, UpstreamError
 from metaproxy.metadata.records import PortMatch
 from metaproxy.security.signing import sign_instance_id
 
@@ -113,34 +112,33 @@ class Upstream:
     def __init__(self, cfg: UpstreamConfig, secret: Secret) -> None:
         self._cfg = cfg
         self._secret = secret
-        self._base = "http://localhost" if cfg.scheme == "unix" else cfg.url
-        self._session: aiohttp.ClientSession | None = None
         self._ssl = ssl_context(cfg)
+        if cfg.scheme == "unix":
+            self._host = b"localhost"
+        else:
+            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+            self._host = f"{host}:{cfg.port}".encode("idna")
+        self._pool: HttpPool | None = None
 
     async def start(self) -> None:
         cfg = self._cfg
-        connector: aiohttp.BaseConnector
         if cfg.scheme == "unix":
-            connector = aiohttp.UnixConnector(path=str(cfg.unix_path), limit=cfg.pool_size)
-        else:
-            connector = aiohttp.TCPConnector(
-                limit=cfg.pool_size,
-                ssl=self._ssl if self._ssl is not None else False,
-                ttl_dns_cache=300,
+            self._pool = HttpPool.unix(
+                str(cfg.unix_path), limit=cfg.pool_size, connect_timeout=cfg.connect_timeout
             )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=cfg.timeout, sock_connect=cfg.connect_timeout),
-            # The request carries only what upstream_headers builds (plus Host/Content-Length).
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            auto_decompress=True,
-            raise_for_status=False,
-        )
+        else:
+            self._pool = HttpPool.tcp(
+                cfg.host,
+                cfg.port,
+                ssl_context=self._ssl,
+                limit=cfg.pool_size,
+                connect_timeout=cfg.connect_timeout,
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def forward(
         self,
@@ -152,9 +150,13 @@ class Upstream:
         forwarded_for: str,
     ) -> Reply:
         """Send the signed request; map the answer (or the failure) to what the front gets."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("Upstream.start() was not called")
         headers = upstream_headers(client_headers, match, forwarded_for, self._secret)
+        data = serialize_request(method, target, self._host, headers, body)
         try:
-            return await self._send(method, target, headers, body)
+            answer = await pool.request(data, head=method == "HEAD", timeout=self._cfg.timeout)
         except UpstreamError as exc:
             log.warning(
                 "metadata server %s failed for instance %s: %s",
@@ -163,45 +165,11 @@ class Upstream:
                 exc,
             )
             return Reply(exc.status_hint, generic_body(exc.status_hint))
+        return self._reply(answer)
 
-    async def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Reply:
-        session = self._session
-        if session is None:
-            raise UpstreamError("agent upstream is not started", status_hint=503)
-        # A pooled connection the server closed while idle fails at once: one retry on a fresh
-        # connection is safe for every metadata request (reads, and token PUTs that only mint).
-        for attempt in (1, 2):
-            try:
-                # encoded=True: relay the target byte for byte (yarl would re-quote %2F etc.).
-                url = yarl.URL(self._base + target, encoded=True)
-                async with session.request(method, url, headers=headers, data=body or None) as resp:
-                    data = await resp.read()
-                    return self._reply(resp.status, resp.headers, data)
-            except aiohttp.ConnectionTimeoutError as exc:
-                raise UpstreamError(
-                    "metadata server unreachable: connect timed out", status_hint=503
-                ) from exc
-            except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
-                raise UpstreamError(
-                    f"metadata server unreachable: {type(exc).__name__}: {exc.strerror or exc}",
-                    status_hint=503,
-                ) from exc
-            except TimeoutError as exc:
-                raise UpstreamError("metadata server timed out", status_hint=504) from exc
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if attempt == 2:
-                    raise UpstreamError(
-                        f"metadata server closed the connection early: {type(exc).__name__}"
-                    ) from exc
-            except (aiohttp.ClientError, ValueError) as exc:
-                raise UpstreamError(
-                    f"metadata server answered garbage: {type(exc).__name__}"
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _reply(self, status: int, headers: Mapping[str, str], data: bytes) -> Reply:
-        mapped = map_status(status)
-        if mapped != status:
+    def _reply(self, answer: Answer) -> Reply:
+        status = answer.status
+        if map_status(status) != status:
             log.warning(
                 "metadata server %s answered unexpected status %d: sending 502",
                 self._cfg.url,
@@ -219,6 +187,27 @@ class Upstream:
         if status not in BODY_PASSED:
             return Reply(status, generic_body(status))
         kept = tuple(
-            (name, value) for name in RETURNED_HEADERS if (value := headers.get(name)) is not None
+            (name, value.decode("latin-1"))
+            for name, key in _RETURNED_KEYS
+            if (value := answer.header(key)) is not None
         )
-        return Reply(status, data, kept)
+        return Reply(status, answer.body, kept)
+
+
+_RETURNED_KEYS = tuple((name, name.lower().encode()) for name in RETURNED_HEADERS)
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def serialize_request(
+    method: str, target: str, host: bytes, headers: dict[str, str], body: bytes
+) -> bytes:
+    """The request bytes; a control character in any value is refused (header injection)."""
+    lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + host]
+    for name, value in headers.items():
+        raw = value.encode("utf-8", "surrogateescape")
+        if _BAD_VALUE.search(raw):
+            raise ClientProtocolError(f"control character in header {name}")
+        lines.append(name.encode("latin-1") + b": " + raw)
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

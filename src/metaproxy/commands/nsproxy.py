@@ -100,6 +100,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
             help=f"haproxy 'timeout {name.replace('_', '-')}' (default {default:g})",
         )
 
+    hap = parser.add_argument_group("haproxy engine")
+    _flag(
+        hap,
+        "haproxy_binary",
+        metavar="PATH",
+        help="absolute path of haproxy (default: the first trusted of /usr/sbin/haproxy, "
+        "/usr/bin/haproxy); never looked up in $PATH. It, its symlink target and every "
+        "directory above must be root-owned and not group/world-writable",
+    )
+    _flag(
+        hap,
+        "allowed_binary_dirs",
+        metavar="DIR:DIR",
+        help="directories a binary may be run from, ':'- or ','-separated (default "
+        "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin)",
+    )
+
     action = parser.add_argument_group("action")
     _flag(
         action,

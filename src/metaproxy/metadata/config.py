@@ -113,15 +113,22 @@ class MetadataConfig:
 
     @classmethod
     def from_mapping(
-        cls, table: Mapping[str, Any], environ: Mapping[str, str] | None = None
+        cls,
+        table: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+        *,
+        secret: Secret | None = None,
+        listen: str = DEFAULT_LISTEN,
     ) -> MetadataConfig:
+        """[metadata] plus METAPROXY_METADATA__*; `secret`/`listen` are the composer's defaults
+        (e.g. `metaproxy up`'s [service] secret and its state-path socket)."""
         merged = {**table, **env_overrides(environ or {}, "metadata")}
         _unknown(merged, {"listen", "shared_secret", "shared_secret_file", "tokens"}, "metadata")
-        secret = read_secret(
+        given = read_secret(
             merged.get("shared_secret"), merged.get("shared_secret_file"), key="shared_secret"
         )
         return cls(
-            shared_secret=secret,
-            listen=Listen.parse(str(merged.get("listen", DEFAULT_LISTEN))),
+            shared_secret=given if given or secret is None else secret,
+            listen=Listen.parse(str(merged.get("listen", listen))),
             tokens=cast(TokenMode, merged.get("tokens", "optional")),
         )

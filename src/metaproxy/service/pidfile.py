@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from metaproxy.errors import FileError
 from metaproxy.security import files
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,12 @@ def write(path: str | os.PathLike[str], pid: int) -> None:
 
 def read(path: str | os.PathLike[str]) -> int | None:
     """The pid in `path`, or None when the file is missing or does not hold one pid."""
-    data = files.read_private(path, limit=_MAX_PIDFILE)
+    try:
+        data = files.read_private(path, limit=_MAX_PIDFILE)
+    except FileError as exc:
+        # A symlink planted at the path (ELOOP) or a directory there: it names no pid of ours.
+        log.warning("ignoring pidfile %s: %s", os.fspath(path), exc)
+        return None
     if data is None:
         return None
     text = data.decode("ascii", "replace").strip()

@@ -1,0 +1,159 @@
+"""Render one front's haproxy config: Neutron's shape, with the front contract enforced.
+
+Pure: a FrontSpec and RenderSettings in, config text out (golden files in tests/data/).
+
+What Neutron's config had: global user/group and maxconn 1024, defaults in http mode with
+`option http-server-close` and the five timeouts, one listener, one server (the agent's Unix
+socket). What this one adds, in rule order (haproxy runs `http-request` rules top to bottom):
+
+0. No h2c by prior knowledge, and at most PER_SOURCE_CONNECTIONS concurrent connections per
+   client address (an idle-connection flood from one guest must not take the others' slots).
+1. only GET/HEAD/POST/PUT (405); origin-form targets only (absolute-form, authority-form and
+   `*` → 400); Upgrade refused (400, no tunnel to the agent); header names with an underscore
+   refused (400: `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron
+   LP #1865036); Content-Length over the body limit (413); chunked bodies refused (400: the
+   agent needs a known length, and a stream could outrun the limit).
+2. IMDSv2's rule: `PUT /latest/api/token` carrying a client X-Forwarded-For → 403, checked
+   before the client's X-Forwarded-For is thrown away. Applied to every PUT (PUT exists only
+   for the token, and the metadata server may route other spellings of its path there).
+3. Every client-sent identity header is deleted (any case), then every header not on the
+   short allow-list, then ours are set: one identity header and `X-Forwarded-For: <src>`.
+
+`option http-server-close` is kept (one agent connection per request): the agent derives
+identity per request, and never sharing an upstream connection between guests keeps a
+confused agent from mixing them up; a Unix-socket connect costs microseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from metaproxy.config import FrontSpec
+from metaproxy.errors import ConfigError
+
+# The client headers the agent may see (the COMMON front→agent seam).
+FORWARDED_HEADERS = (
+    "host",
+    "accept",
+    "content-type",
+    "content-length",
+    "user-agent",
+    "x-aws-ec2-metadata-token",
+    "x-aws-ec2-metadata-token-ttl-seconds",
+)
+# Client-sent identity headers: deleted explicitly (the allow-list would drop them too; this
+# states the intent and survives a future widening of the allow-list).
+IDENTITY_HEADER_PATTERN = (
+    r"(?i)^(x-neutron-.*|x-ovn-.*|x-instance-id.*|x-tenant-id|x-metadata-provider.*"
+    r"|x-forwarded-for|forwarded|x-real-ip)$"
+)
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT")
+# Concurrent connections one client address may hold (a guest's cloud-init uses a handful).
+PER_SOURCE_CONNECTIONS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSettings:
+    """How haproxy itself runs: where it logs and where its (read-only) stats socket lives."""
+
+    log: Literal["stderr", "none"] = "stderr"
+    stats_socket: Path | None = None
+
+
+def _duration(seconds: float) -> str:
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+def _bind_line(spec: FrontSpec) -> str:
+    host = f"[{spec.bind_address}]" if ":" in spec.bind_address else spec.bind_address
+    parts = [f"bind {host}:{spec.port}"]
+    if spec.interface:
+        parts.append(f"interface {spec.interface}")
+    if spec.netns:
+        parts.append(f"namespace {spec.netns}")
+    return " ".join(parts)
+
+
+def _global(spec: FrontSpec, settings: RenderSettings) -> list[str]:
+    lines = ["global", f"    maxconn {spec.maxconn}"]
+    if spec.user is not None:
+        lines.append(f"    uid {spec.user}")
+    if spec.group is not None:
+        lines.append(f"    gid {spec.group}")
+    if settings.log == "stderr":
+        lines.append("    log stderr format short local0 info")
+    if settings.stats_socket is not None:
+        lines.append(f"    stats socket {settings.stats_socket} mode 600 level user")
+    # No `pidfile`: haproxy would write it 0644 through any symlink at the path; metaproxy
+    # writes haproxy's pid itself through security/files.py.
+    return lines
+
+
+def _defaults(spec: FrontSpec, settings: RenderSettings) -> list[str]:
+    t = spec.timeouts
+    lines = ["defaults", "    mode http"]
+    if settings.log == "stderr":
+        lines += ["    log global", "    option httplog", "    option dontlognull"]
+    lines += [
+        "    option http-server-close",
+        f"    timeout http-request {_duration(t.http_request)}",
+        f"    timeout connect {_duration(t.connect)}",
+        f"    timeout client {_duration(t.client)}",
+        f"    timeout server {_duration(t.server)}",
+        f"    timeout http-keep-alive {_duration(t.http_keep_alive)}",
+    ]
+    return lines
+
+
+def _frontend(spec: FrontSpec) -> list[str]:
+    allowed = "|".join(FORWARDED_HEADERS)
+    deny = "    http-request deny deny_status"
+    return [
+        "frontend metadata",
+        f"    {_bind_line(spec)}",
+        f"    maxconn {spec.maxconn}",
+        # h2c by prior knowledge would bypass every HTTP/1 rule below.
+        "    option disable-h2-upgrade",
+        # One guest must not hold every slot: idle sockets over the cap are closed at accept.
+        "    stick-table type ipv6 size 64k expire 60s store conn_cur",
+        "    tcp-request connection track-sc0 src",
+        f"    tcp-request connection reject if {{ sc0_conn_cur gt {PER_SOURCE_CONNECTIONS} }}",
+        f"{deny} 405 unless {{ method {' '.join(ALLOWED_METHODS)} }}",
+        # Origin-form of visible ASCII only: no absolute/authority form, `*`, or control bytes.
+        f"{deny} 400 unless {{ url -m reg ^/[!-~]*$ }}",
+        f"{deny} 400 if {{ req.hdr(upgrade) -m found }}",
+        f"{deny} 400 if {{ req.hdr_names -m sub _ }}",
+        f"{deny} 413 if {{ req.hdr_val(content-length) gt {spec.max_body} }}",
+        f"{deny} 400 if {{ req.hdr(transfer-encoding) -m found }}",
+        # Every PUT: a metadata server may route /LATEST//api/%74oken/ to the token, too.
+        f"{deny} 403 if {{ method PUT }} {{ req.hdr(x-forwarded-for) -m found }}",
+        f"    http-request del-header {IDENTITY_HEADER_PATTERN} -m reg",
+        f"    http-request del-header (?i)^(?!({allowed})$) -m reg",
+        f"    http-request set-header {spec.identity.header} {spec.identity.id}",
+        "    http-request set-header X-Forwarded-For %[src]",
+        "    default_backend agent",
+    ]
+
+
+def _backend(spec: FrontSpec) -> list[str]:
+    return ["backend agent", f"    server agent unix@{spec.upstream_socket}"]
+
+
+def render_config(spec: FrontSpec, settings: RenderSettings | None = None) -> str:
+    """The complete haproxy config for `spec` (IDs and paths are pre-validated by FrontSpec)."""
+    settings = settings or RenderSettings()
+    for path in (spec.upstream_socket, settings.stats_socket):
+        if path is not None and any(c.isspace() or c in "#\\'\"" for c in str(path)):
+            raise ConfigError(f"path {path!s} cannot appear in a haproxy config", key="path")
+    header = f"# metaproxy haproxy front for {spec.identity.kind} {spec.identity.id} (generated)"
+    sections = [
+        [header],
+        _global(spec, settings),
+        _defaults(spec, settings),
+        _frontend(spec),
+        _backend(spec),
+    ]
+    return "\n\n".join("\n".join(s) for s in sections) + "\n"

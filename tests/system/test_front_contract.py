@@ -1,0 +1,246 @@
+"""The front contract, for every engine, through the `metaproxy ns-proxy` CLI only.
+
+A real front relays to tests/support/recorder.py on a Unix socket; the recorder shows exactly
+what an agent would receive. Engine-specific checks live elsewhere (test_haproxy_launch.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import netns
+from support.engines import ENGINE_PARAMS, Front, exchange, running_front, status_of
+from support.recorder import Recorder
+
+pytestmark = pytest.mark.timeout(180)
+
+SPOOFED = [
+    "X-Neutron-Network-ID",
+    "X-Neutron-Router-ID",
+    "X-OVN-Network-ID",
+    "X-Instance-ID",
+    "X-Instance-ID-Signature",
+    "X-Tenant-ID",
+    "X-Metadata-Provider",
+    "X-Metadata-Provider-Signature",
+    "X-Forwarded-For",
+    "Forwarded",
+    "X-Real-IP",
+]
+IDENTITY_NAMES = {h.lower() for h in SPOOFED}
+
+
+def _cases(name: str) -> list[str]:
+    return [name, name.lower(), name.upper(), name.swapcase()]
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def engine(request: pytest.FixtureRequest) -> str:
+    if os.geteuid() != 0:
+        pytest.skip("fronts run as root in CI (they bind, and haproxy drops to no user)")
+    return str(request.param)
+
+
+@pytest.fixture
+def front(engine: str, short_tmp: Path, recorder: Recorder) -> Iterator[Front]:
+    with running_front(engine, short_tmp / "state", recorder.path) as f:
+        yield f
+
+
+def _get(
+    front: Front,
+    target: str = "/latest/meta-data/",
+    *headers: str,
+    method: str = "GET",
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 169.254.169.254", *headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    return exchange(front.host, front.port, raw)
+
+
+def test_detached_front_serves_with_its_pid_in_the_pidfile(front: Front) -> None:
+    """The ns-proxy process model: exit 0 once serving, the serving pid in --pid_file."""
+    assert front.pid_file.exists()
+    os.kill(front.pid, 0)
+    assert status_of(_get(front)) == 200
+
+
+def test_destroy_stops_the_front_and_removes_its_files(
+    engine: str, short_tmp: Path, recorder: Recorder
+) -> None:
+    with running_front(engine, short_tmp / "state", recorder.path) as f:
+        pid = f.pid
+        result = f.destroy()
+        assert result.returncode == 0, result.stderr
+        assert not f.pid_file.exists()
+        assert (
+            not Path(f"/proc/{pid}/cmdline").exists()
+            or not Path(f"/proc/{pid}/cmdline").read_bytes()
+        ), "the front's process is gone"
+        leftovers = [p for p in (short_tmp / "state").rglob("*") if not p.is_dir()]
+        assert leftovers == []
+
+
+def test_identity_header_arrives_once_with_our_value(front: Front, recorder: Recorder) -> None:
+    spoofed = [f"{case}: evil" for name in SPOOFED for case in _cases(name)]
+    response = _get(front, "/latest/meta-data/", "User-Agent: cloud-init", *spoofed)
+    assert status_of(response) == 200, response
+    [seen] = recorder.requests
+    assert seen.values("X-Neutron-Network-ID") == ["net-1"]
+    assert seen.values("X-Forwarded-For") == ["127.0.0.1"]
+    for name in IDENTITY_NAMES - {"x-neutron-network-id", "x-forwarded-for"}:
+        assert seen.values(name) == [], f"spoofed {name} reached the agent"
+    assert "evil" not in repr(seen.headers)
+    assert seen.values("User-Agent") == ["cloud-init"]
+    assert seen.target == "/latest/meta-data/"
+    assert seen.method == "GET"
+
+
+def test_router_front_sends_router_identity(
+    engine: str, short_tmp: Path, recorder: Recorder
+) -> None:
+    with running_front(
+        engine, short_tmp / "state", recorder.path, identity=("router", "rtr-9")
+    ) as f:
+        assert status_of(_get(f, "/", "X-Neutron-Network-ID: evil")) == 200
+    [seen] = recorder.requests
+    assert seen.values("X-Neutron-Router-ID") == ["rtr-9"]
+    assert seen.values("X-Neutron-Network-ID") == []
+
+
+def test_unlisted_client_headers_are_dropped(front: Front, recorder: Recorder) -> None:
+    response = _get(
+        front,
+        "/latest/api/token",
+        "X-aws-ec2-metadata-token-ttl-seconds: 21600",
+        "X-Custom-Thing: x",
+        "Cookie: a=b",
+        method="PUT",
+    )
+    assert status_of(response) == 200
+    [seen] = recorder.requests
+    assert seen.values("X-aws-ec2-metadata-token-ttl-seconds") == ["21600"]
+    assert seen.values("X-Custom-Thing") == []
+    assert seen.values("Cookie") == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("X_Neutron_Network_ID: evil", id="identity-underscore"),
+        pytest.param("x_forwarded_for: 10.0.0.1", id="xff-underscore"),
+        pytest.param("X_Anything: 1", id="any-underscore"),
+    ],
+)
+def test_header_names_with_underscores_are_refused(
+    front: Front, recorder: Recorder, header: str
+) -> None:
+    assert status_of(_get(front, "/", header)) == 400
+    assert recorder.requests == []
+
+
+BAD_TARGET = frozenset({400})
+BAD_METHOD = frozenset({405})
+EITHER = frozenset({400, 405})
+
+
+@pytest.mark.parametrize(
+    ("request_line", "extra", "statuses"),
+    [
+        pytest.param("CONNECT 169.254.169.254:80 HTTP/1.1", (), EITHER, id="connect"),
+        pytest.param("GET http://evil.example/latest HTTP/1.1", (), BAD_TARGET, id="absolute"),
+        pytest.param("GET 169.254.169.254:80 HTTP/1.1", (), BAD_TARGET, id="authority-form"),
+        pytest.param("OPTIONS * HTTP/1.1", (), EITHER, id="asterisk"),
+        pytest.param("GET * HTTP/1.1", (), BAD_TARGET, id="get-asterisk"),
+        pytest.param(
+            "GET / HTTP/1.1", ("Upgrade: websocket", "Connection: Upgrade"), BAD_TARGET, id="ws"
+        ),
+        pytest.param(
+            "GET / HTTP/1.1", ("Upgrade: h2c", "Connection: Upgrade"), BAD_TARGET, id="h2c"
+        ),
+        pytest.param("DELETE / HTTP/1.1", (), BAD_METHOD, id="delete"),
+        pytest.param("TRACE / HTTP/1.1", (), BAD_METHOD, id="trace"),
+    ],
+)
+def test_refused_requests_never_reach_the_agent(
+    front: Front,
+    recorder: Recorder,
+    request_line: str,
+    extra: tuple[str, ...],
+    statuses: frozenset[int],
+) -> None:
+    """CONNECT, absolute-form/authority-form/`*` targets and Upgrade never reach the agent."""
+    close = () if any(h.startswith("Connection") for h in extra) else ("Connection: close",)
+    lines = [request_line, "Host: 169.254.169.254", *extra, *close, "", ""]
+    raw = "\r\n".join(lines).encode()
+    status = status_of(exchange(front.host, front.port, raw))
+    assert status in statuses
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "status"),
+    [pytest.param("DELETE", 405, id="delete"), pytest.param("PATCH", 405, id="patch")],
+)
+def test_unlisted_method_is_405(front: Front, recorder: Recorder, method: str, status: int) -> None:
+    assert status_of(_get(front, "/", method=method)) == status
+    assert recorder.requests == []
+
+
+def test_body_over_the_limit_is_413(front: Front, recorder: Recorder) -> None:
+    response = _get(front, "/openstack/latest/password", method="POST", body=b"x" * 70000)
+    assert status_of(response) == 413
+    assert recorder.requests == []
+
+
+def test_small_body_arrives_intact(front: Front, recorder: Recorder) -> None:
+    body = b"p" * 256
+    response = _get(front, "/openstack/latest/password", method="POST", body=body)
+    assert status_of(response) == 200
+    [seen] = recorder.requests
+    assert seen.body == body
+    assert seen.method == "POST"
+
+
+def test_token_put_relayed_by_a_guest_proxy_is_403(front: Front, recorder: Recorder) -> None:
+    """IMDSv2's rule: a PUT /latest/api/token carrying X-Forwarded-For gets no token."""
+    response = _get(front, "/latest/api/token", "X-Forwarded-For: 169.254.1.1", method="PUT")
+    assert status_of(response) == 403
+    assert recorder.requests == []
+
+
+def test_query_string_is_kept(front: Front, recorder: Recorder) -> None:
+    assert status_of(_get(front, "/latest/meta-data/?x=1")) == 200
+    assert recorder.requests[0].target == "/latest/meta-data/?x=1"
+
+
+@pytest.mark.netns
+def test_instance_in_a_namespace_reaches_the_agent(
+    engine: str, short_tmp: Path, recorder: Recorder, ns_pair: netns.Pair
+) -> None:
+    """curl http://169.254.169.254/ from the instance namespace, front listening via --netns."""
+    with running_front(
+        engine,
+        short_tmp / "state",
+        recorder.path,
+        host=netns.METADATA_IP,
+        netns=ns_pair.net_ns,
+    ):
+        result = ns_pair.curl(
+            f"http://{netns.METADATA_IP}/latest/meta-data/instance-id",
+            "-H",
+            "X-Neutron-Network-ID: evil",
+        )
+        assert result.stdout.splitlines()[-1] == "200", result.stderr
+    [seen] = recorder.requests
+    assert seen.target == "/latest/meta-data/instance-id"
+    assert seen.values("X-Neutron-Network-ID") == ["net-1"]
+    assert seen.values("X-Forwarded-For") == [ns_pair.inst_ip]
