@@ -134,4 +134,9 @@ REFUSALS = [
         403,
         id="token-put-with-xff-encoded",
     ),
+    pytest.param(
+        head("Host: a", "X-Forwarded-For: 1.2.3.4", request_line="PUT /LATEST/api/token HTTP/1.1"),
+        403,
+        id="any-put-with-xff",
+    ),
 ]

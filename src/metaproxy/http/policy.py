@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 
 MAX_HEAD = 8 * 1024
 MAX_FIELDS = 64
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT"})
-TOKEN_PATH = b"/latest/api/token"
 
 # Client headers that go upstream, with the spelling we send. Allow-list, not deny-list: a guest
 # can invent any header name (Neutron LP #1865036, underscore variants, a padded request that
@@ -51,7 +49,6 @@ _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+")
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x22\x24-\x7e]*")
 _HOST = re.compile(rb"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 _DIGITS = re.compile(rb"[0-9]{1,15}")
-_SLASHES = re.compile(rb"/{2,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +153,10 @@ def decide(
             expect_continue = value.lower() == b"100-continue"
     if content_length > max_body:
         return Refusal(413, "body over the limit")
-    if client_xff and method == b"PUT" and _is_token_path(target):
+    if client_xff and method == b"PUT":
         # IMDSv2's rule: a token request relayed by a proxy inside the guest gets no token.
+        # Every PUT, like the haproxy engine: a metadata server may route other spellings
+        # (/LATEST//api/%74oken/) to the token, and PUT serves nothing else.
         return Refusal(403, "token request carries X-Forwarded-For")
     if has_length:
         kept.append((b"Content-Length", b"%d" % content_length))
@@ -171,13 +170,6 @@ def decide(
         keep_alive=_keep_alive(version, connection),
         expect_continue=expect_continue and content_length > 0,
     )
-
-
-def _is_token_path(target: bytes) -> bool:
-    """Match the token path as a metadata server might route it: decoded, slashes collapsed."""
-    path = unquote_to_bytes(target.split(b"?", 1)[0])
-    path = _SLASHES.sub(b"/", path).rstrip(b"/")
-    return path.lower() == TOKEN_PATH
 
 
 def _keep_alive(version: bytes, connection: bytes) -> bool:
