@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import signal
 import socket
 import subprocess
@@ -113,7 +114,7 @@ path = "{store}"
     assert seen.values("X-Instance-ID") == [INSTANCE]
     signature = hmac.new(SECRET.encode(), INSTANCE.encode(), hashlib.sha256).hexdigest()
     assert seen.values("X-Instance-ID-Signature") == [signature]
-    assert "listening on" in err  # DEBUG logging was on, and...
+    assert "serving on" in err  # DEBUG logging was on, and...
     assert SECRET not in err  # ...neither the secret...
     assert signature not in err  # ...nor the signature reached stderr
 
@@ -199,3 +200,82 @@ def test_missing_store_is_a_clear_error(short_tmp: Path) -> None:
     assert result.returncode == 2
     assert "absent.db does not exist" in result.stderr
     assert SECRET not in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_workers_share_the_socket_and_stop_together(
+    short_tmp: Path, store: Path, upstream: Recorder
+) -> None:
+    sock = short_tmp / "run" / "agent.sock"
+    secret_file = short_tmp / "secret"
+    secret_file.write_text(SECRET + "\n")
+    proc = cli.popen(
+        "agent",
+        "--store",
+        str(store),
+        "--shared_secret_file",
+        str(secret_file),
+        "--metadata_proxy_socket",
+        str(sock),
+        "--metadata_url",
+        f"unix:{upstream.path}",
+        "--metadata_workers",
+        "2",
+        "--metadata_backlog",
+        "77",
+    )
+    try:
+        wait_for_socket(sock, proc)
+        deadline = time.monotonic() + 20
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for _ in range(6):
+            answer = get(sock, {"X-Neutron-Network-ID": NET, "X-Forwarded-For": CLIENT_IP})
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert not sock.exists()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    assert len(upstream.requests) == 6
+    assert SECRET not in err
+
+
+def test_a_dead_worker_stops_the_agent(short_tmp: Path, store: Path, upstream: Recorder) -> None:
+    sock = short_tmp / "run" / "agent.sock"
+    secret_file = short_tmp / "secret"
+    secret_file.write_text(SECRET)
+    proc = cli.popen(
+        "agent",
+        "--store",
+        str(store),
+        "--shared_secret_file",
+        str(secret_file),
+        "--metadata_proxy_socket",
+        str(sock),
+        "--metadata_url",
+        f"unix:{upstream.path}",
+        "--metadata_workers",
+        "2",
+    )
+    try:
+        wait_for_socket(sock, proc)
+        deadline = time.monotonic() + 20
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = _children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert f"worker {victim} exited (signal 9)" in err
+    assert not sock.exists()

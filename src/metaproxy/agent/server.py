@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -55,23 +56,22 @@ class AgentServer:
         self.upstream = Upstream(config.upstream, config.shared_secret)
         self.statuses: collections.Counter[int] = collections.Counter()
         self._listener: Listener | None = None
+        self._owns_listener = True
         self._runner: web.ServerRunner | None = None
 
     @property
     def socket_path(self) -> Path:
         return self.config.socket_path
 
-    async def start(self) -> None:
-        """Bind the socket and serve; on failure nothing is left behind."""
+    async def start(self, listener: Listener | None = None) -> None:
+        """Bind the socket (or serve `listener`, which the caller keeps) and serve.
+
+        On failure nothing this call made is left behind.
+        """
         cfg = self.config
-        group = resolve_group(cfg.proxy_group, key="agent.proxy_group")
-        mode = cfg.socket_mode_bits()
-        listener = bind_unix(
-            cfg.socket_path,
-            mode=mode,
-            backlog=cfg.backlog,
-            group=group if cfg.socket_mode == "group" else None,
-        )
+        self._owns_listener = listener is None
+        if listener is None:
+            listener = listen(cfg)
         try:
             await self.upstream.start()
             server = web.Server(
@@ -88,15 +88,15 @@ class AgentServer:
             site = web.SockSite(runner, listener.sock, backlog=cfg.backlog)
             await site.start()
         except BaseException:
-            listener.close()
+            if self._owns_listener:
+                listener.close()
             await self.upstream.close()
             raise
         self._listener, self._runner = listener, runner
         log.info(
-            "metadata agent listening on %s (mode %04o, backlog %d), upstream %s",
+            "metadata agent (pid %d) serving on %s, upstream %s",
+            os.getpid(),
             cfg.socket_path,
-            mode,
-            cfg.backlog,
             cfg.upstream.url,
         )
 
@@ -107,7 +107,8 @@ class AgentServer:
             self._runner = None
         await self.upstream.close()
         if self._listener is not None:
-            self._listener.close()
+            if self._owns_listener:
+                self._listener.close()
             self._listener = None
             log.info("metadata agent on %s stopped", self.config.socket_path)
 
@@ -192,11 +193,34 @@ class AgentServer:
             raise ClientProtocolError(f"incomplete request body: {type(exc).__name__}") from None
 
 
+def listen(cfg: AgentConfig) -> Listener:
+    """The agent's listening socket, mode and backlog applied; the caller must close it."""
+    group = resolve_group(cfg.proxy_group, key="agent.proxy_group")
+    mode = cfg.socket_mode_bits()
+    listener = bind_unix(
+        cfg.socket_path,
+        mode=mode,
+        backlog=cfg.backlog,
+        group=group if cfg.socket_mode == "group" else None,
+    )
+    log.info("metadata agent socket %s (mode %04o, backlog %d)", cfg.socket_path, mode, cfg.backlog)
+    return listener
+
+
 def _error(status: int) -> Reply:
     return Reply(status, generic_body(status), (("Content-Type", "text/plain"),))
 
 
-async def serve(config: AgentConfig, directory: PortDirectory, stop: asyncio.Event) -> None:
-    """Run an agent until `stop` is set; the socket is removed on the way out."""
-    async with AgentServer(config, directory):
+async def serve(
+    config: AgentConfig,
+    directory: PortDirectory,
+    stop: asyncio.Event,
+    listener: Listener | None = None,
+) -> None:
+    """Run an agent until `stop` is set; its own socket (not `listener`) is removed after."""
+    agent = AgentServer(config, directory)
+    await agent.start(listener)
+    try:
         await stop.wait()
+    finally:
+        await agent.stop()

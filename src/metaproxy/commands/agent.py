@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from metaproxy.agent.config import AgentConfig, is_neutron_ini, load, parse_meta
 from metaproxy.config import read_secret, read_toml
 from metaproxy.errors import ConfigError
 from metaproxy.metadata.config import STORE_FILENAME, StoreConfig
-from metaproxy.metadata.records import PortDirectory
 from metaproxy.metadata.store import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -157,32 +155,18 @@ def open_directory(path: Path) -> SqliteStore:
 
 
 def run(args: argparse.Namespace) -> int:
+    from metaproxy.agent.workers import run_workers, worker_main
+
     config, store = config_from_args(args, os.environ)
-    directory = open_directory(store)
     if config.workers > 1:
-        log.warning(
-            "metadata_workers=%d: this agent serves from one asyncio process (one worker)",
-            config.workers,
-        )
+        open_directory(store).close()  # fail here, before forking, if the store is unusable
+        return run_workers(config, lambda: open_directory(store), run_loop)
+    directory = open_directory(store)
     try:
-        run_loop(_main(config, directory))
+        run_loop(worker_main(config, directory, None))
     finally:
         directory.close()
     return 0
-
-
-async def _main(config: AgentConfig, directory: PortDirectory) -> None:
-    from metaproxy.agent.server import serve
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await serve(config, directory, stop)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
