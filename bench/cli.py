@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--log-level of the metaproxy processes measured (default WARNING; INFO adds the "
         "per-request access log)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="front scenario: also profile the builtin front with py-spy (pip install py-spy) "
+        "during one extra run, keep the raw profile in FILE and print its top lines",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     return parser
 
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration or (2.0 if args.quick else 8.0),
         log_level=args.log_level,
         verbose=args.verbose,
+        profile=args.profile.absolute() if args.profile else None,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

@@ -19,6 +19,7 @@ class Options:
     duration: float = 8.0
     log_level: str = "WARNING"
     verbose: bool = False
+    profile: Path | None = None  # where to keep py-spy's raw profile of the builtin front
 
 
 @dataclass

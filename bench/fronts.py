@@ -32,6 +32,14 @@ class Front:
         self.pids = proc.tree([self.child.pid, *self.also])
         return proc.cpu_seconds(self.pids)
 
+    def problems(self, others: list[Child] | None = None) -> list[str]:
+        """Warnings and errors the front (and `others` on its path) logged, for the notes."""
+        out = []
+        for child in [self.child, *(others or [])]:
+            if child is not None:
+                out += [f"{child.name}: {p}" for p in child.problems()]
+        return out
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 

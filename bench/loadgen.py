@@ -147,6 +147,7 @@ async def connect(source: str, host: str, port: int) -> Client:
 @dataclass
 class Instance:
     latencies: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # the sequence index of each latency
     errors: dict[str, int] = field(default_factory=dict)
     finished: float = 0.0
 
@@ -166,7 +167,7 @@ async def replay(
     wire = [(request_bytes(p, spec["host_header"], ua), want) for p, ua, want in spec["sequence"]]
     await start.wait()
     client: Client | None = None
-    for data, want in wire:
+    for step, (data, want) in enumerate(wire):
         began = time.perf_counter()
         try:
             if client is None or client.lost:
@@ -181,6 +182,7 @@ async def replay(
             client = _drop(client)
             continue
         result.latencies.append(time.perf_counter() - began)
+        result.steps.append(step)
         if status != want:
             result.error(f"status {status}")
         if close:
@@ -218,6 +220,10 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         for kind, count in inst.errors.items():
             errors[kind] = errors.get(kind, 0) + count
     finished = [i.finished for i in instances]
+    by_step: dict[int, list[float]] = {}
+    for inst in instances:
+        for step, latency in zip(inst.steps, inst.latencies, strict=True):
+            by_step.setdefault(step, []).append(latency)
     return {
         "instances": len(instances),
         "requests_per_instance": len(spec["sequence"]),
@@ -232,6 +238,9 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "mean_ms": statistics.fmean(latencies) * 1000 if latencies else 0.0,
         "instance_p50_s": percentile(finished, 50),
         "instance_max_s": max(finished, default=0.0),
+        # The first request of each instance includes its TCP connect (the SYN storm).
+        "first_p99_ms": percentile(by_step.get(0, []), 99) * 1000,
+        "rest_p99_ms": percentile([x for k, v in by_step.items() if k for x in v], 99) * 1000,
     }
 
 

@@ -35,7 +35,7 @@ def specs(plan: dict[str, Any]) -> list[FrontSpec]:
 async def grow(plan: dict[str, Any]) -> None:
     from metaproxy.front import builtin
 
-    engine = builtin.Engine()  # the host service's API: add/remove/close in one loop
+    engine = builtin.BuiltinFront()  # the host service API: add/remove/close in one loop
     loop = asyncio.get_running_loop()
     todo = specs(plan)
     done = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import select
 import signal
 import socket
@@ -59,6 +61,20 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def problems(self, top: int = 3) -> list[str]:
+        """The most frequent WARNING/ERROR messages in the log, with their counts."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        seen: collections.Counter[str] = collections.Counter()
+        for line in text.splitlines():
+            for level in (" WARNING ", " ERROR ", " CRITICAL "):
+                if level in line:
+                    message = line.split(level, 1)[1]
+                    seen[re.sub(r"\d+(\.\d+)*", "N", message)[:160]] += 1
+        return [f"{n}x {m}" for m, n in seen.most_common(top)]
 
     def check_alive(self) -> None:
         if not self.alive():

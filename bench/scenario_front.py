@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict
 
-from bench import fronts, systems, wrk
+from bench import fronts, profiler, systems, wrk
 from bench.context import Context
 from bench.report import Column, ScenarioResult, Table, at_least, at_most, median, ratio
 
@@ -88,7 +88,18 @@ def run(ctx: Context) -> ScenarioResult:
         f"metaproxy fronts run with --log-level {opts.log_level}; reference haproxies log nothing",
     ]
     table.notes += [f"{f.label}: unavailable ({f.error})" for f in all_fronts if not f.up]
+    for f in live:
+        if any(s.errors for c in CONNECTIONS for s in samples[(f.name, c)]):
+            table.notes += [f"{f.label} logged: {p}" for p in f.problems()]
     result.tables.append(table)
+
+    builtin = all_fronts[0]
+    if opts.profile is not None and builtin.up:
+        if profiler.available():
+            opts.profile.parent.mkdir(parents=True, exist_ok=True)
+            result.tables += profiler.profile(builtin, PATH, opts.duration, script, opts.profile)
+        else:
+            table.notes.append(f"--profile: {profiler.PY_SPY} is missing (pip install py-spy)")
 
     b_rps, n_rps = med("builtin", 32, "rps"), med("haproxy-neutron", 32, "rps")
     k_rps = med("haproxy-keepalive", 32, "rps")

@@ -20,6 +20,8 @@ SUBCOMMANDS: tuple[str, ...] = (
     "metaproxy.commands.nsproxy",
     "metaproxy.commands.agent",
     "metaproxy.commands.checkconfig",
+    "metaproxy.commands.up",
+    "metaproxy.commands.status",
     "metaproxy.commands.instance",
     "metaproxy.commands.port",
     "metaproxy.commands.network",

@@ -6,6 +6,7 @@ and finding 3 (Neutron `os.execl`'d it with the caller's whole environment and o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -219,6 +220,22 @@ async def test_spawn_async_has_the_same_contract(monkeypatch: pytest.MonkeyPatch
     assert sorted(out.decode().splitlines()) == sorted(
         f"{k}={v}" for k, v in sexec.minimal_env().items()
     )
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_spawn_async_sets_the_umask_on_either_loop(loop_kind: str) -> None:
+    """`metaproxy up` runs on uvloop, whose subprocess_exec has no `umask` argument."""
+
+    async def child_umask() -> bytes:
+        proc = await sexec.spawn_async(["/bin/sh", "-c", "umask"], stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return out.strip()
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        assert uvloop.run(child_umask()) == b"0077"
+    else:
+        assert asyncio.run(child_umask()) == b"0077"
 
 
 def test_run_reports_output_of_failure() -> None:

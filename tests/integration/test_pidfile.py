@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def test_stale_pidfile_naming_unrelated_process_is_not_ours(
     pidfile.write(path, sleeper.pid)
     assert pidfile.find_ours(path, ["-f", str(short_tmp / "haproxy.conf")]) is None
     assert pidfile.find_ours(path, ["/bin/sleep", "300"]) == sleeper.pid
+
+
+def test_pidfile_older_than_its_process_is_not_ours(
+    short_tmp: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """A reused pid, or a pidfile from before a reboot: the process is younger than the file."""
+    path = short_tmp / "old.pid"
+    pidfile.write(path, sleeper.pid)
+    assert pidfile.find_ours(path, ["/bin/sleep", "300"]) == sleeper.pid
+    started = pidfile.start_time(sleeper.pid)
+    assert started is not None and abs(started - time.time()) < 120
+    an_hour_before = started - 3600
+    os.utime(path, (an_hour_before, an_hour_before))
+    assert pidfile.find_ours(path, ["/bin/sleep", "300"]) is None
 
 
 def test_dead_pid_is_not_ours(short_tmp: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from metaproxy.errors import ProcessError
-from metaproxy.service.supervisor import Backoff, Supervisor, describe_exit
+from metaproxy.service.supervisor import Backoff, Drain, Supervisor, describe_exit
 
 SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 STUBBORN = (
@@ -148,3 +148,22 @@ async def test_failed_first_start_registers_nothing() -> None:
     with pytest.raises(ProcessError):
         await sup.add("broken", start)
     assert sup.children == {}
+
+
+DRAINER = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\n"
+    "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+async def test_drain_signal_comes_first() -> None:
+    sup = Supervisor(drain=Drain(signal.SIGUSR1, 5.0))
+    child = await sup.add("drainer", _starter(DRAINER, []))
+    assert child.proc is not None and child.proc.stdout is not None
+    async with asyncio.timeout(10):
+        assert await child.proc.stdout.readline() == b"ready\n"
+    proc = child.proc
+    await sup.close()
+    assert proc.returncode == 7  # it left on the drain signal, not on SIGTERM

@@ -29,6 +29,7 @@ from metaproxy.agent.config import AgentConfig, UpstreamConfig
 from metaproxy.agent.server import AgentServer
 from metaproxy.metadata.config import Listen, MetadataConfig, TokenMode
 from metaproxy.metadata.server import MetadataServer
+from support.guest import READER_SCRIPT
 from support.metadata import KEY1, KEY2, SECRET, USER_DATA, VM1, make_store
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -122,41 +123,6 @@ async def stack(short_tmp: Path, token_mode: TokenMode) -> AsyncIterator[Stack]:
             finally:
                 await runner.cleanup()
     store.close()
-
-
-READER_SCRIPT = r"""
-import json, logging, sys
-from cloudinit.sources.helpers import ec2, openstack
-
-logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
-                    format="%(levelname)s %(name)s: %(message)s", force=True)
-base = sys.argv[1]
-
-class Reader(openstack.MetadataReader):
-    # The stock reader walks EC2 at 169.254.169.254 whatever its base: point it at ours.
-    def _read_ec2_metadata(self):
-        return ec2.get_instance_metadata(metadata_address=base, timeout=10, retries=0)
-
-def text(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-result = Reader(base, timeout=10, retries=0).read_v2()
-md = result["metadata"]
-network = openstack.convert_net_json(result["networkdata"],
-                                     known_macs={"fa:16:3e:11:22:33": "eth0"})
-ec2_md = ec2.get_instance_metadata(api_version="2009-04-04", metadata_address=base,
-                                   timeout=10, retries=0)
-ec2_ud = ec2.get_instance_userdata(api_version="2009-04-04", metadata_address=base,
-                                   timeout=10, retries=0)
-print(json.dumps({
-    "uuid": md["uuid"], "instance-id": md.get("instance-id"), "hostname": md["hostname"],
-    "local-hostname": md.get("local-hostname"), "public_keys": md["public_keys"],
-    "random_seed_len": len(md["random_seed"]), "dsmode": result.get("dsmode"),
-    "userdata": text(result["userdata"]), "vendordata": result["vendordata"],
-    "vendordata2": result["vendordata2"], "network_config": network,
-    "os_ec2": result["ec2-metadata"], "ec2": ec2_md, "ec2_userdata": text(ec2_ud),
-}))
-"""
 
 
 async def _run_system_python(script: str, *args: str) -> tuple[dict[str, Any], str]:

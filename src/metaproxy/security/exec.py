@@ -19,6 +19,7 @@ Callers own the returned process: they must wait for it (or hand it to a supervi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -213,6 +214,11 @@ async def spawn_async(
 ) -> asyncio.subprocess.Process:
     """The asyncio twin of `spawn`, with the same checks and the same child setup."""
     args, kwargs = _popen_kwargs(argv, allowed_dirs, env, pass_fds)
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        # uvloop's subprocess_exec has no `umask` (ValueError: unexpected kwargs); it does run
+        # preexec_fn in the child between fork and exec, which gives the same umask.
+        umask = kwargs.pop("umask")
+        kwargs["preexec_fn"] = functools.partial(os.umask, umask)
     log.info("starting %s", shlex.join(args))
     try:
         return await asyncio.create_subprocess_exec(*args, stdout=stdout, stderr=stderr, **kwargs)

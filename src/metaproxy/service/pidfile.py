@@ -2,8 +2,11 @@
 
 A pid alone proves nothing: after a reboot or a crash the number in a stale pidfile may name
 any unrelated process. A pid is ours only when `/proc/<pid>/cmdline` holds the arguments we
-started it with (for haproxy: `-f <our config path>`), so `find_ours` never returns a pid
-whose command line does not match, and callers signal only what it returns.
+started it with (for haproxy: `-f <our config path>`) *and* the process started before the
+pidfile was written (a pidfile is written once its process serves): a pid reused by a process
+that started later, or any process after a reboot (every one starts after the stale pidfile's
+time), is refused even when its arguments happen to match. `find_ours` never returns a pid that
+fails either check, and callers signal only what it returns.
 """
 
 from __future__ import annotations
@@ -63,10 +66,54 @@ def matches(pid: int, expected: Sequence[str]) -> bool:
     return any(argv[i : i + n] == list(expected) for i in range(len(argv) - n + 1))
 
 
+# /proc/stat's btime is whole seconds: a computed start time may be up to 1 s early.
+_START_SLACK = 1.0
+
+
+def start_time(pid: int) -> float | None:
+    """When process `pid` started (Unix time), from /proc; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # Field 22 (starttime, clock ticks since boot) counts from after the ")" ending the name,
+    # which may itself hold spaces or parentheses.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        ticks = int(fields[19])
+    except (IndexError, ValueError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def started_before(pid: int, path: str | os.PathLike[str]) -> bool:
+    """True when `pid` started no later than `path` was last written."""
+    started = start_time(pid)
+    try:
+        written = os.stat(path).st_mtime
+    except OSError:
+        return False
+    return started is not None and started <= written + _START_SLACK
+
+
 def find_ours(path: str | os.PathLike[str], expected: Sequence[str]) -> int | None:
-    """The pid from `path` if that process's argv contains `expected`; otherwise None (logged)."""
+    """The pid from `path` if that process's argv contains `expected` and it started before the
+    pidfile was written; otherwise None (logged)."""
     pid = read(path)
     if pid is None:
+        return None
+    if not started_before(pid, path):
+        log.warning(
+            "pidfile %s names pid %d, which started after the pidfile was written (a reused pid, "
+            "or a pidfile from before a reboot); ignoring it",
+            os.fspath(path),
+            pid,
+        )
         return None
     if not matches(pid, expected):
         log.warning(

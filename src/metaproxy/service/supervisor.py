@@ -11,6 +11,8 @@ Contract:
   the cap rather than given up on — the operator sees it in the log, in status and in metrics.
 - *unregister, then stop*: `remove` / `close` stop watching first, then SIGTERM, wait
   `stop_timeout`, SIGKILL, and run the child's `cleanup` (pidfile, config), logging failures.
+  `cleanup` runs only then: between respawns the start function itself deals with what the
+  dead child left (its config is still needed; its pidfile names a dead pid).
 """
 
 from __future__ import annotations
@@ -53,10 +55,28 @@ class Backoff:
         return self.failures >= self.loop_after
 
 
-async def terminate(proc: asyncio.subprocess.Process, timeout: float, *, name: str) -> int:
-    """SIGTERM, wait up to `timeout`, then SIGKILL; return the exit status."""
+@dataclass(frozen=True)
+class Drain:
+    """A graceful stop before SIGTERM: e.g. haproxy's SIGUSR1 (stop listening, finish requests)."""
+
+    signal: signal.Signals
+    timeout: float
+
+
+async def terminate(
+    proc: asyncio.subprocess.Process, timeout: float, *, name: str, drain: Drain | None = None
+) -> int:
+    """[drain signal, wait], SIGTERM, wait up to `timeout`, then SIGKILL; the exit status."""
     if proc.returncode is not None:
         return proc.returncode
+    if drain is not None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(drain.signal)
+        try:
+            async with asyncio.timeout(drain.timeout):
+                return await proc.wait()
+        except TimeoutError:
+            log.info("%s still busy after %.1f s of draining; stopping it", name, drain.timeout)
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM)
     try:
@@ -90,8 +110,10 @@ class Child:
         stop_timeout: float = 5.0,
         backoff: Backoff | None = None,
         on_respawn: Callable[[str], None] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.name = name
+        self.drain = drain
         self._start = start
         self._cleanup = cleanup
         self.stop_timeout = stop_timeout
@@ -146,8 +168,6 @@ class Child:
                     await self._wake.wait()
             if self.state in ("stopping", "stopped"):
                 return
-            if self._cleanup is not None:
-                await self._cleanup()
             try:
                 self.proc = await self._start()
             except MetaproxyError as exc:
@@ -178,10 +198,15 @@ class Child:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.proc is not None:
-            returncode = await terminate(self.proc, self.stop_timeout, name=self.name)
+            returncode = await terminate(
+                self.proc, self.stop_timeout, name=self.name, drain=self.drain
+            )
             log.info("%s stopped (%s)", self.name, describe_exit(returncode))
         if self._cleanup is not None:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            except Exception as exc:
+                log.error("cleaning up after %s failed: %s", self.name, exc)
         self.state = "stopped"
 
 
@@ -194,8 +219,10 @@ class Supervisor:
         stop_timeout: float = 5.0,
         backoff: Callable[[], Backoff] = Backoff,
         on_respawn: Callable[[str], None] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.stop_timeout = stop_timeout
+        self.drain = drain
         self._backoff = backoff
         self._on_respawn = on_respawn
         self.children: dict[str, Child] = {}
@@ -211,6 +238,7 @@ class Supervisor:
             stop_timeout=self.stop_timeout,
             backoff=self._backoff(),
             on_respawn=self._on_respawn,
+            drain=self.drain,
         )
         await child.launch()
         self.children[name] = child

@@ -1,0 +1,66 @@
+"""Adapters from the two front engines to the manager's `FrontEngine` protocol.
+
+- builtin: every front is a listener in this process (`front.builtin.BuiltinFront`); a listener
+  is added and removed without touching the others.
+- haproxy: every front is one haproxy, prepared (rendered, written 0600, `haproxy -c`) by
+  `haproxy.engine` and run in the foreground under the `Supervisor`, which respawns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from metaproxy.config import FrontSpec
+from metaproxy.service.fronts import FrontEngine, FrontStats
+
+if TYPE_CHECKING:
+    from metaproxy.front.builtin import BuiltinFront
+    from metaproxy.service.settings import Config
+
+log = logging.getLogger(__name__)
+
+
+class BuiltinEngine:
+    """All fronts as listeners of one `BuiltinFront` in the running loop."""
+
+    kind = "builtin"
+
+    def __init__(self, front: BuiltinFront) -> None:
+        self.front = front
+
+    async def start(self, spec: FrontSpec) -> None:
+        await self.front.add(spec)
+
+    async def stop(self, name: str) -> None:
+        if name in self.front:
+            await self.front.remove(name)
+
+    def stats(self, name: str) -> FrontStats:
+        try:
+            raw = self.front.stats(name)
+        except KeyError:
+            return FrontStats()
+        import os
+
+        return FrontStats(
+            pid=os.getpid(),
+            requests=raw.requests,
+            errors=raw.errors,
+            last_error=raw.last_error or "",
+            statuses={str(k): v for k, v in raw.statuses.items()},
+        )
+
+    async def close(self) -> None:
+        await self.front.close()
+
+
+def create(cfg: Config) -> FrontEngine:
+    """The engine `service.engine` names, built from its config section."""
+    if cfg.service.engine == "haproxy":
+        from metaproxy.service.haproxy_engine import HaproxyEngine
+
+        return HaproxyEngine.from_config(cfg)
+    from metaproxy.front.builtin import BuiltinFront
+
+    return BuiltinEngine(BuiltinFront())
