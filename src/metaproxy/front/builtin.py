@@ -402,8 +402,10 @@ class BuiltinFront:
         sock = await open_listener_async(listen)
         front = _Front(spec, self._pool(spec), self.options, RateLimiter(self.options.rate_limit))
         try:
+            # create_server(sock=...) calls listen() again, with 100 unless told: a boot storm
+            # of a few hundred instances would then lose SYNs and wait 1 s, 3 s, 7 s.
             front.server = await asyncio.get_running_loop().create_server(
-                lambda: _Connection(front), sock=sock
+                lambda: _Connection(front), sock=sock, backlog=listen.backlog
             )
         except BaseException:
             sock.close()

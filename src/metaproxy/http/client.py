@@ -21,7 +21,9 @@ from metaproxy.errors import UpstreamError
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE = 16 * 1024 * 1024
-MAX_IDLE = 128
+# Idle connections kept per socket: a boot storm keeps hundreds of requests in flight, and
+# closing most of them after a burst makes the next burst reconnect through the agent's accept.
+MAX_IDLE = 1024
 
 
 @dataclass(slots=True)
@@ -45,6 +47,7 @@ class _Exchange:
         "head",
         "head_length",
         "headers",
+        "keep_alive",
         "parser",
         "received",
         "size",
@@ -59,12 +62,15 @@ class _Exchange:
         self.done = False
         self.close_delimited = False
         self.head_length: bytes | None = None
+        self.keep_alive = False
         self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # llhttp forgets keep-alive once the message completes: ask while it still knows.
+        self.keep_alive = self.parser.should_keep_alive()
         status = self.parser.get_status_code()
         framed = False
         for name, value in self.headers:
@@ -217,9 +223,7 @@ class UpstreamPool:
             conn.waiter = None
             if not ok:
                 conn.close()
-        keep_alive = (
-            not conn.closed and not exchange.close_delimited and exchange.parser.should_keep_alive()
-        )
+        keep_alive = not conn.closed and not exchange.close_delimited and exchange.keep_alive
         if keep_alive and len(self._idle) < MAX_IDLE:
             conn.exchange = None
             self._idle.append(conn)
