@@ -108,6 +108,7 @@ async def test_signed_request_carries_exactly_the_agreed_headers(
     assert resp.status == 200
     assert resp.body == b"meta\n"
     assert resp.header("Content-Type") == "text/plain"
+    assert resp.header("Server") == "metaproxy"
     [seen] = metadata.seen
     assert seen.method == "GET"
     assert seen.target == "/openstack/latest/meta_data.json?x=1&y=%2F"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
 
 from metaproxy.agent.config import AgentConfig
 from metaproxy.agent.identity import ClientKey, client_key
@@ -122,7 +123,10 @@ class AgentServer:
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
         reply = await self._answer(request)
         self.statuses[reply.status] += 1
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        headers = CIMultiDict(reply.headers)
+        # aiohttp would name itself and the Python version; a front may relay it to guests.
+        headers["Server"] = "metaproxy"
+        return web.Response(status=reply.status, body=reply.body, headers=headers)
 
     async def _answer(self, request: BaseRequest) -> Reply:
         try:
