@@ -447,3 +447,35 @@ async def test_remove_stops_one_front_only(
     assert recorder.requests[-1].values("X-Neutron-Router-ID") == ["r-1"]
     assert recorder.requests[-1].values("X-Neutron-Network-ID") == []
     assert engine.names() == [second.name]
+
+
+async def test_remove_drains_requests_in_flight(short_tmp: Path) -> None:
+    path = short_tmp / "slow.sock"
+
+    async def slow_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            await asyncio.sleep(0.5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            await writer.drain()
+
+    engine = BuiltinFront(EngineOptions(drain_timeout=5))
+    async with fake_agent(path, slow_answer):
+        spec = make_spec(path, short_tmp)
+        await engine.add(spec)
+        idle_reader, idle_writer = await asyncio.open_connection(HOST, spec.port)
+        reader, writer = await asyncio.open_connection(HOST, spec.port)
+        writer.write(head("Host: a"))
+        await asyncio.sleep(0.2)
+        removing = asyncio.create_task(engine.remove(spec.name))
+        async with asyncio.timeout(10):
+            response = await read_response(reader)
+            assert status_of(response) == 200
+            assert body_of(response) == b"slow"
+            assert b"Connection: close\r\n" in response
+            assert await reader.read(-1) == b""
+            assert await idle_reader.read(-1) == b""  # an idle connection is closed at once
+            await removing
+        writer.close()
+        idle_writer.close()
+        await engine.close()

@@ -47,6 +47,8 @@ class EngineOptions:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     access_log: bool = True
     freebind: bool = False
+    # On remove/close, requests in flight get this long to finish (then connections are cut).
+    drain_timeout: float = 3.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_conn_per_source <= 1_000_000:
@@ -84,6 +86,8 @@ class _Front:
         self.per_source: dict[str, int] = {}
         self.connections: set[_Connection] = set()
         self.server: asyncio.Server | None = None
+        self.draining = False
+        self.drained = asyncio.Event()
 
     def count(self, status: int) -> None:
         stats = self.stats
@@ -268,6 +272,9 @@ class _Connection(asyncio.Protocol):
         if self.phase == "closed":
             return
         transport = self.transport
+        if front.draining and not close:
+            out = _with_close(out)
+            close = True
         transport.write(out)
         front.count(status)
         if front.options.access_log:
@@ -339,6 +346,8 @@ class _Connection(asyncio.Protocol):
         self.counted = False
         front = self.front
         front.connections.discard(self)
+        if front.draining and not front.connections:
+            front.drained.set()
         held = front.per_source.get(self.peer, 1) - 1
         if held > 0:
             front.per_source[self.peer] = held
@@ -415,10 +424,23 @@ class BuiltinFront:
         log.info("serving %s on %s port %d%s", spec.name, spec.bind_address, spec.port, where)
 
     async def remove(self, name: str) -> None:
-        """Stop serving `name`: close its listener and its connections (KeyError if unknown)."""
+        """Stop serving `name` (KeyError if unknown): stop accepting, let requests in flight
+        finish for `drain_timeout` (answered with Connection: close), then cut the rest."""
         front = self._fronts.pop(name)
+        front.draining = True
         if front.server is not None:
             front.server.close()
+        for conn in list(front.connections):
+            if conn.phase == "idle" or (conn.phase == "head" and not conn.buf):
+                conn._close()
+        if front.connections:
+            try:
+                async with asyncio.timeout(self.options.drain_timeout):
+                    await front.drained.wait()
+            except TimeoutError:
+                log.warning(
+                    "%s: cutting %d connections after the drain", name, len(front.connections)
+                )
         for conn in list(front.connections):
             conn._close()
         if front.server is not None:
@@ -440,6 +462,12 @@ class BuiltinFront:
             pool = UpstreamPool(key[0], connect_timeout=key[1], server_timeout=key[2])
             self._pools[key] = pool
         return pool
+
+
+def _with_close(response: bytes) -> bytes:
+    """Add `Connection: close` to a serialized keep-alive response (draining)."""
+    end = response.index(wire.HEAD_END)
+    return response[:end] + b"\r\nConnection: close" + response[end:]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

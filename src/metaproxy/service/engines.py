@@ -61,6 +61,6 @@ def create(cfg: Config) -> FrontEngine:
         from metaproxy.service.haproxy_engine import HaproxyEngine
 
         return HaproxyEngine.from_config(cfg)
-    from metaproxy.front.builtin import BuiltinFront
+    from metaproxy.front.builtin import BuiltinFront, EngineOptions
 
-    return BuiltinEngine(BuiltinFront())
+    return BuiltinEngine(BuiltinFront(EngineOptions(drain_timeout=cfg.service.drain_timeout)))
