@@ -297,6 +297,16 @@ class _HttpProtocol(asyncio.Protocol):
             self._idle.cancel()
         self._transport = None
 
+    # A client that pipelines requests but never reads the answers must not grow our buffer:
+    # stop reading while the transport's write buffer is over its high-water mark.
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def _arm(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
@@ -305,6 +315,10 @@ class _HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._arm()
@@ -416,6 +430,11 @@ class MetadataServer:
         self._server.close()
         for connection in list(self._connections):
             connection.close()
+        if self._connections:
+            # close() waits to flush; a peer that stopped reading would hold us forever.
+            await asyncio.sleep(0.1)
+            for connection in list(self._connections):
+                connection.abort()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
         self._server = None
