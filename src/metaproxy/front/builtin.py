@@ -423,19 +423,21 @@ class BuiltinFront:
         where = f" in {spec.netns}" if spec.netns else ""
         log.info("serving %s on %s port %d%s", spec.name, spec.bind_address, spec.port, where)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, *, drain: float | None = None) -> None:
         """Stop serving `name` (KeyError if unknown): stop accepting, let requests in flight
-        finish for `drain_timeout` (answered with Connection: close), then cut the rest."""
+        finish for `drain` s (default `drain_timeout`; answered with Connection: close), then
+        cut the rest."""
         front = self._fronts.pop(name)
+        limit = self.options.drain_timeout if drain is None else drain
         front.draining = True
         if front.server is not None:
             front.server.close()
         for conn in list(front.connections):
             if conn.phase == "idle" or (conn.phase == "head" and not conn.buf):
                 conn._close()
-        if front.connections:
+        if front.connections and limit > 0:
             try:
-                async with asyncio.timeout(self.options.drain_timeout):
+                async with asyncio.timeout(limit):
                     await front.drained.wait()
             except TimeoutError:
                 log.warning(
@@ -447,10 +449,9 @@ class BuiltinFront:
             await front.server.wait_closed()
         log.info("stopped serving %s", name)
 
-    async def close(self) -> None:
-        """Remove every front and close the upstream pools."""
-        for name in list(self._fronts):
-            await self.remove(name)
+    async def close(self, *, drain: float | None = None) -> None:
+        """Remove every front (draining them together) and close the upstream pools."""
+        await asyncio.gather(*(self.remove(name, drain=drain) for name in list(self._fronts)))
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
