@@ -882,3 +882,51 @@ async def test_stop_lets_a_request_in_flight_finish(
     await server.stop()
     assert (await in_flight).status == 200
     assert not server.socket_path.exists()
+
+
+async def test_a_pipelined_burst_is_throttled_but_fully_answered(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    one = request_bytes(ident()).replace(b"Connection: close\r\n", b"")
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(one * 40)  # more than the agent queues before it stops reading
+            answers = await _read_answers(reader, 40)
+        finally:
+            writer.close()
+    assert [status for status, _ in answers] == [200] * 40
+    assert len(metadata.seen) == 40
+
+
+async def test_stop_leaves_a_socket_someone_else_put_there(
+    short_tmp: Path, directory: MemoryDirectory
+) -> None:
+    config = make_config(short_tmp, "http://127.0.0.1:9")
+    server = AgentServer(config, directory)
+    await server.start()
+    config.socket_path.unlink()
+    newcomer = socket.socket(socket.AF_UNIX)
+    try:
+        newcomer.bind(str(config.socket_path))  # e.g. a second agent started meanwhile
+        await server.stop()
+        assert config.socket_path.is_socket()
+    finally:
+        newcomer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    head = request_bytes([*ident(), ("Expect", "100-continue"), ("Content-Length", "5")])
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(head)
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            [(status, _)] = await _read_answers(reader, 1)
+        finally:
+            writer.close()
+    assert status == 200
+    assert metadata.seen[0].body == b"hello"

@@ -134,6 +134,8 @@ async def test_unix_socket(store: SqliteStore, short_tmp: Path) -> None:
     path.unlink()
     async with MetadataServer(config, store) as server:
         assert server.address == f"unix:{path}"
+        with pytest.raises(Exception, match="in use by another server"):
+            await MetadataServer(config, store).start()  # a live socket is never stolen
         reader, writer = await asyncio.open_unix_connection(str(path))
         [(status, _, body)] = await _exchange(
             reader, writer, _request("GET", "/latest/meta-data/hostname")

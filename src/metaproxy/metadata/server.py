@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -452,7 +453,7 @@ class MetadataServer:
 
 
 def _remove_stale_socket(path: os.PathLike[str]) -> None:
-    """A socket left by a previous run is ours to replace; any other file is not."""
+    """A dead socket left by a previous run is ours to replace; a live one or any file is not."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -461,7 +462,18 @@ def _remove_stale_socket(path: os.PathLike[str]) -> None:
         raise ConfigError(
             f"metadata.listen: {path} exists and is not a socket", key="metadata.listen"
         )
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except OSError:
+        os.unlink(path)  # nobody answers: stale
+    else:
+        raise ConfigError(
+            f"metadata.listen: {path} is in use by another server", key="metadata.listen"
+        )
+    finally:
+        probe.close()
 
 
 async def serve(config: MetadataConfig, store: Store) -> None:
