@@ -389,3 +389,16 @@ def test_engine_api_async_start(short_tmp: Path, recorder: Recorder) -> None:
 
     assert asyncio.run(scenario()) == 200
     engine.cleanup(prepared.files)
+
+
+def test_haproxy_drops_to_the_metadata_proxy_user(short_tmp: Path, recorder: Recorder) -> None:
+    """--metadata_proxy_user/group: haproxy serves as that uid/gid (Neutron's user/group)."""
+    extra = ("--metadata_proxy_user", str(NOBODY), "--metadata_proxy_group", str(NOBODY))
+    short_tmp.chmod(0o711)  # the agent socket's directory must be reachable by that user
+    with running_front("haproxy", short_tmp / "state", recorder.path, extra=extra) as front:
+        status = Path(f"/proc/{front.pid}/status").read_text().splitlines()
+        uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+        gids = next(line for line in status if line.startswith("Gid:")).split()[1:]
+        assert set(uids) == {str(NOBODY)}
+        assert set(gids) == {str(NOBODY)}
+        assert status_of(exchange(front.host, front.port, GET)) == 200
