@@ -337,10 +337,14 @@ def test_missing_namespace_is_a_clear_error(short_tmp: Path, recorder: Recorder)
 
 def test_second_start_is_refused_while_running(short_tmp: Path, recorder: Recorder) -> None:
     with running_front("haproxy", short_tmp / "state", recorder.path) as front:
-        again = cli.run(*front.args)
+        [conf] = (short_tmp / "state" / "haproxy").glob("*.conf")
+        before = conf.read_text()
+        again = cli.run(*front.args[:-2], "--metadata_port", str(free_port()))
         assert again.returncode != 0
         assert "already running" in again.stderr
+        assert conf.read_text() == before, "the serving haproxy's config was not rewritten"
         os.kill(front.pid, 0)
+        assert status_of(exchange(front.host, front.port, GET)) == 200
 
 
 def _spec(short_tmp: Path, recorder: Recorder, port: int) -> FrontSpec:

@@ -366,6 +366,11 @@ def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
     """`ns-proxy --engine haproxy`: detached by default, attached with --foreground."""
     foreground = bool(getattr(args, "foreground", False))
     settings = settings_from_args(args, foreground=foreground)
+    front = files_for(spec)
+    running = pidfile.find_ours(front.pidfile, front.identity_args)
+    if running is not None:
+        # Refused before the config is rewritten under the haproxy that is serving it.
+        raise ProcessError(f"haproxy for {spec.name} is already running as pid {running}")
     try:
         prepared = prepare(spec, settings)
         proc = start(prepared, stderr=None if foreground else subprocess.PIPE)
