@@ -62,7 +62,9 @@ def markdown() -> str:
     totals = Row()
     for (cls, target), row in sorted(ROWS.items()):
         faults = f"{row.survived}/{row.faults}" if row.faults else "-"
-        lines.append(f"| {cls} | {target} | {row.tried} | {row.through} | {faults} |")
+        tried = str(row.tried) if row.tried or not row.faults else "-"
+        through = str(row.through) if row.tried or not row.faults else "-"
+        lines.append(f"| {cls} | {target} | {tried} | {through} | {faults} |")
         totals.tried += row.tried
         totals.through += row.through
         totals.faults += row.faults

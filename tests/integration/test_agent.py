@@ -108,6 +108,7 @@ async def test_signed_request_carries_exactly_the_agreed_headers(
     assert resp.status == 200
     assert resp.body == b"meta\n"
     assert resp.header("Content-Type") == "text/plain"
+    assert resp.header("Server") == "metaproxy"
     [seen] = metadata.seen
     assert seen.method == "GET"
     assert seen.target == "/openstack/latest/meta_data.json?x=1&y=%2F"
@@ -668,19 +669,26 @@ async def test_chunked_body_is_read_whole_and_bounded(
     assert [s.body for s in metadata.seen] == [body]
 
 
-async def test_oversized_header_line_is_refused_and_nothing_goes_upstream(
-    agent: AgentServer, metadata: MetadataServer
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([("X-Big", "b" * 17000)], id="one-big-field"),
+        pytest.param([(f"X-Pad-{i}", "p" * 900) for i in range(20)], id="many-fields"),
+    ],
+)
+async def test_head_over_the_limit_is_431_and_nothing_goes_upstream(
+    agent: AgentServer, metadata: MetadataServer, headers: list[tuple[str, str]]
 ) -> None:
-    data = request_bytes([("X-Big", "b" * 9000), *ident()])
-    resp = await raw_request(agent.socket_path, data)
-    assert 400 <= resp.status < 500
+    resp = await raw_request(agent.socket_path, request_bytes([*headers, *ident()]))
+    assert resp.status == 431
+    assert resp.header("Connection") == "close"
     assert metadata.seen == []
 
 
 async def test_too_many_headers_are_refused(agent: AgentServer, metadata: MetadataServer) -> None:
     data = request_bytes([*[(f"X-H{i}", "v") for i in range(150)], *ident()])
     resp = await raw_request(agent.socket_path, data)
-    assert 400 <= resp.status < 500
+    assert resp.status == 431
     assert metadata.seen == []
 
 
@@ -801,3 +809,107 @@ async def test_head_request_has_no_body(agent: AgentServer, metadata: MetadataSe
     resp = await raw_request(agent.socket_path, request_bytes(ident(), method="HEAD"))
     assert resp.status == 200
     assert metadata.seen[0].method == "HEAD"
+
+
+# -- the agent's own HTTP shell ----------------------------------------------------------------
+
+
+async def _read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    answers = []
+    for _ in range(count):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((status, await reader.readexactly(length)))
+    return answers
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    def keep_alive(target: str, headers: list[tuple[str, str]]) -> bytes:
+        return request_bytes(headers, target=target).replace(b"Connection: close\r\n", b"")
+
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(
+                keep_alive("/one", ident())
+                + keep_alive("/two", ident(ip="bad"))
+                + keep_alive("/three", ident())
+            )
+            answers = await _read_answers(reader, 3)
+            # The same connection serves a fourth request afterwards (keep-alive).
+            writer.write(keep_alive("/four", ident()))
+            answers += await _read_answers(reader, 1)
+        finally:
+            writer.close()
+    assert [status for status, _ in answers] == [200, 400, 200, 200]
+    assert [s.target for s in metadata.seen] == ["/one", "/three", "/four"]
+
+
+async def test_malformed_request_is_400_and_closed(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    resp = await raw_request(agent.socket_path, b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert resp.status == 400
+    assert resp.header("Connection") == "close"
+    assert metadata.seen == []
+
+
+async def test_idle_connection_is_closed(
+    agent: AgentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metaproxy.agent.protocol as protocol
+
+    monkeypatch.setattr(protocol, "IDLE_TIMEOUT", 0.3)
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        writer.write(b"GET /half-a-head HTTP/1.1\r\nHost: x\r\n")  # a slow-loris front
+        assert await reader.read() == b""  # closed by the agent, not by us
+        writer.close()
+
+
+async def test_stop_lets_a_request_in_flight_finish(
+    short_tmp: Path, directory: MemoryDirectory, metadata: MetadataServer
+) -> None:
+    metadata.delay = 0.5
+    server = AgentServer(make_config(short_tmp, metadata.url), directory)
+    await server.start()
+    in_flight = asyncio.create_task(raw_request(server.socket_path, request_bytes(ident())))
+    while not metadata.seen:
+        await asyncio.sleep(0.01)
+    await server.stop()
+    assert (await in_flight).status == 200
+    assert not server.socket_path.exists()
+
+
+async def test_a_pipelined_burst_is_throttled_but_fully_answered(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    one = request_bytes(ident()).replace(b"Connection: close\r\n", b"")
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(one * 40)  # more than the agent queues before it stops reading
+            answers = await _read_answers(reader, 40)
+        finally:
+            writer.close()
+    assert [status for status, _ in answers] == [200] * 40
+    assert len(metadata.seen) == 40
+
+
+async def test_stop_leaves_a_socket_someone_else_put_there(
+    short_tmp: Path, directory: MemoryDirectory
+) -> None:
+    config = make_config(short_tmp, "http://127.0.0.1:9")
+    server = AgentServer(config, directory)
+    await server.start()
+    config.socket_path.unlink()
+    newcomer = socket.socket(socket.AF_UNIX)
+    try:
+        newcomer.bind(str(config.socket_path))  # e.g. a second agent started meanwhile
+        await server.stop()
+        assert config.socket_path.is_socket()
+    finally:
+        newcomer.close()

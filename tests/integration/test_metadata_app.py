@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from metaproxy.metadata import ec2, openstack
+from metaproxy.metadata import ec2, openstack, server
 from metaproxy.metadata.server import MetadataApp
 from metaproxy.metadata.store import SqliteStore
 from metaproxy.metadata.tokens import TokenIssuer
@@ -290,6 +291,7 @@ def test_answers_follow_store_changes(app: MetadataApp, short_tmp: Path) -> None
     other = SqliteStore(short_tmp / "metaproxy.db")  # another process's view: the admin CLI
     other.remove_instance(VM1, with_ports=True)
     other.close()
+    time.sleep(server.REFRESH)  # the store is asked about changes at most this often
     assert get(app, "/latest/meta-data/hostname")[0] == 404
 
 

@@ -134,6 +134,8 @@ async def test_unix_socket(store: SqliteStore, short_tmp: Path) -> None:
     path.unlink()
     async with MetadataServer(config, store) as server:
         assert server.address == f"unix:{path}"
+        with pytest.raises(Exception, match="in use by another server"):
+            await MetadataServer(config, store).start()  # a live socket is never stolen
         reader, writer = await asyncio.open_unix_connection(str(path))
         [(status, _, body)] = await _exchange(
             reader, writer, _request("GET", "/latest/meta-data/hostname")
@@ -192,3 +194,23 @@ def test_bad_listen_is_a_config_error(short_tmp: Path) -> None:
             METAPROXY_METADATA__SHARED_SECRET="x"), check=False,  # noqa: S106
     )  # fmt: skip
     assert result.returncode == 2 and "metadata.listen" in result.stderr
+
+
+async def test_a_client_that_never_reads_is_throttled(tcp_server: MetadataServer) -> None:
+    """Pipelined requests whose answers are never read: the server stops reading, stays up."""
+    _, writer = await _connect(tcp_server)
+    request = _request("GET", "/openstack/latest/user_data")
+    sent = 0
+    with contextlib.suppress(TimeoutError):
+        for _ in range(20000):  # bounded: ~20 MB of requests at most
+            writer.write(request * 50)
+            await asyncio.wait_for(writer.drain(), 0.5)
+            sent += 50
+    assert sent < 20000 * 50  # the server stopped taking requests at some point
+    writer.transport.abort()
+    other_reader, other_writer = await _connect(tcp_server)  # and still serves others
+    [(status, _, _)] = await _exchange(
+        other_reader, other_writer, _request("GET", "/latest/meta-data/hostname")
+    )
+    assert status == b"HTTP/1.1 200 OK"
+    await _close(other_writer)

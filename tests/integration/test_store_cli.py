@@ -141,11 +141,19 @@ def test_import_unknown_key_and_bad_port_write_nothing(admin: Admin, short_tmp: 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
 def test_export_import_round_trip(admin: Admin, short_tmp: Path, fmt: str) -> None:
     admin.ok("router", "add", "--id", "r1", "--network", "net1")
+    (short_tmp / "ud").write_bytes(b"#cloud-config\nruncmd:\n  - [echo, 'a: b']  \n\xff\x00")
+    (short_tmp / "ud2").write_text("#cloud-config\npackages: [nginx]\n")
+    for name in ("ud", "ud2"):
+        admin.ok("instance", "add", "--project", "p1", "--name", name, "--user-data",
+                 str(short_tmp / name))  # fmt: skip
     before = admin.export()
     dump = short_tmp / f"dump.{fmt}"
     dump.write_text(admin.ok("export", "--format", fmt))
     other = Admin(short_tmp / "other.db", admin.capsys)
-    assert "imported 1 networks, 1 routers, 1 instances, 1 ports" in other.ok("import", str(dump))
+    if fmt == "yaml":  # readable: text user data as a block, binary as base64
+        assert "user_data: |\n    #cloud-config\n    packages: [nginx]\n" in dump.read_text()
+        assert "user_data_base64: " in dump.read_text()
+    assert "imported 1 networks, 1 routers, 3 instances, 1 ports" in other.ok("import", str(dump))
     assert other.export() == before
     # --replace swaps the whole content: importing the same document again is not a conflict.
     other.ok("import", "--replace", str(dump))

@@ -35,7 +35,7 @@ ec2_ud = ec2.get_instance_userdata(api_version="2009-04-04", metadata_address=ba
                                    timeout=10, retries=0)
 print(json.dumps({
     "uuid": md["uuid"], "instance-id": md.get("instance-id"), "hostname": md["hostname"],
-    "local-hostname": md.get("local-hostname"), "public_keys": md["public_keys"],
+    "local-hostname": md.get("local-hostname"), "public_keys": md.get("public_keys"),
     "random_seed_len": len(md["random_seed"]), "dsmode": result.get("dsmode"),
     "userdata": text(result["userdata"]), "vendordata": result["vendordata"],
     "vendordata2": result["vendordata2"], "network_config": network,

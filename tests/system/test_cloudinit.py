@@ -30,7 +30,7 @@ from metaproxy.agent.server import AgentServer
 from metaproxy.metadata.config import Listen, MetadataConfig, TokenMode
 from metaproxy.metadata.server import MetadataServer
 from support.guest import READER_SCRIPT
-from support.metadata import KEY1, KEY2, SECRET, USER_DATA, VM1, make_store
+from support.metadata import KEY1, KEY2, SECRET, USER_DATA, VM1, VM2, make_store
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 CLIENT_TIMEOUT = 120
@@ -104,8 +104,17 @@ def token_mode(request: pytest.FixtureRequest) -> TokenMode:
     return mode
 
 
+@pytest.fixture(params=[("net-a", "169.254.20.10")])
+def guest(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """The (network, address) the test front speaks for: VM1's port by default."""
+    value: tuple[str, str] = request.param
+    return value
+
+
 @pytest.fixture
-async def stack(short_tmp: Path, token_mode: TokenMode) -> AsyncIterator[Stack]:
+async def stack(
+    short_tmp: Path, token_mode: TokenMode, guest: tuple[str, str]
+) -> AsyncIterator[Stack]:
     store = make_store(short_tmp / "metaproxy.db")
     config = MetadataConfig(SECRET, Listen("127.0.0.1", 0), tokens=token_mode)
     async with MetadataServer(config, store) as server:
@@ -116,7 +125,7 @@ async def stack(short_tmp: Path, token_mode: TokenMode) -> AsyncIterator[Stack]:
             upstream=UpstreamConfig(host=host, port=int(port)),
         )
         async with AgentServer(agent_config, store):
-            runner = await _front(short_tmp / "agent.sock", "net-a", "169.254.20.10")
+            runner = await _front(short_tmp / "agent.sock", *guest)
             try:
                 addr = runner.addresses[0]
                 yield Stack(f"http://{addr[0]}:{addr[1]}", runner.app[STATUSES])
@@ -175,6 +184,17 @@ async def test_cloud_init_readers_read_the_whole_instance(stack: Stack) -> None:
         assert marker not in log, log[-4000:]
     assert stack.front_statuses and set(stack.front_statuses) == {200}, stack.front_statuses
     assert len(stack.front_statuses) >= 20  # the whole walk happened, not a short cut
+
+
+@pytest.mark.parametrize("guest", [("net-b", "169.254.30.10")], indirect=True)
+@pytest.mark.timeout(CLIENT_TIMEOUT + 30)
+async def test_cloud_init_logs_show_a_missing_optional_file(stack: Stack) -> None:
+    """The control for the check above: a bare instance has no user data, and the same log
+    check sees it (the read still succeeds: user_data is optional)."""
+    got, log = await _run_system_python(READER_SCRIPT, stack.url, "fa:16:3e:44:55:66")
+    assert got["uuid"] == VM2 and got["userdata"] == "" and got["ec2_userdata"] == ""
+    assert "Failed reading optional path" in log and "/user_data" in log
+    assert 404 in stack.front_statuses
 
 
 # -- a client that uses session tokens ------------------------------------------------------------

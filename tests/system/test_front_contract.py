@@ -244,3 +244,32 @@ def test_instance_in_a_namespace_reaches_the_agent(
     assert seen.target == "/latest/meta-data/instance-id"
     assert seen.values("X-Neutron-Network-ID") == ["net-1"]
     assert seen.values("X-Forwarded-For") == [ns_pair.inst_ip]
+
+
+@pytest.mark.netns
+def test_ipv6_link_local_front_in_a_namespace(
+    engine: str, short_tmp: Path, recorder: Recorder, ns_pair: netns.Pair
+) -> None:
+    """[fe80::a9fe:a9fe%iface]:80, the metadata address IPv6 guests use, needs --interface."""
+    netns.ip(
+        "-n", ns_pair.net_ns, "addr", "add", "fe80::a9fe:a9fe/64", "dev", ns_pair.net_if, "nodad"
+    )
+    netns.ip("-n", ns_pair.inst_ns, "addr", "add", "fe80::2/64", "dev", ns_pair.inst_if, "nodad")
+    with running_front(
+        engine,
+        short_tmp / "state",
+        recorder.path,
+        host="fe80::a9fe:a9fe",
+        netns=ns_pair.net_ns,
+        extra=("--interface", ns_pair.net_if),
+    ):
+        result = ns_pair.curl(
+            f"http://[fe80::a9fe:a9fe%25{ns_pair.inst_if}]/openstack/latest/meta_data.json",
+            "--interface",
+            ns_pair.inst_if,
+        )
+        assert result.stdout.splitlines()[-1] == "200", result.stderr
+    [seen] = recorder.requests
+    assert seen.values("X-Neutron-Network-ID") == ["net-1"]
+    [xff] = seen.values("X-Forwarded-For")
+    assert xff.startswith("fe80::"), xff

@@ -210,3 +210,25 @@ def test_deduce_without_proxy_user_is_user_mode() -> None:
 def test_broken_ini_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not a valid INI"):
         AgentConfig.from_neutron_ini("[DEFAULT]\nthis line has no equals sign\n")
+
+
+def test_environment_overrides_a_neutron_ini(tmp_path: Path) -> None:
+    path = tmp_path / "metadata_agent.ini"
+    path.write_text(NEUTRON_INI)
+    cfg = load(path, {"METAPROXY_AGENT__METADATA_BACKLOG": "99", "METAPROXY_AGENT__CACHE_TTL": "2"})
+    assert (cfg.backlog, cfg.cache_ttl) == (99, 2.0)
+
+
+def test_unreadable_tls_files_are_a_config_error_naming_them(tmp_path: Path) -> None:
+    from metaproxy.agent.upstream import Upstream
+
+    cfg = AgentConfig.from_mapping(
+        {
+            "shared_secret": "s3cr3t-value",
+            "metadata_url": "https://127.0.0.1:8775",
+            "ca_cert": str(tmp_path / "missing-ca.pem"),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"missing-ca\.pem") as info:
+        Upstream(cfg.upstream, cfg.shared_secret)
+    assert "s3cr3t-value" not in str(info.value)

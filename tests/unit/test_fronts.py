@@ -38,6 +38,7 @@ class FakeEngine:
         return FrontStats(pid=42, requests=7, statuses={"200": 7})
 
     async def close(self) -> None:
+        self.running.clear()
         self.closed = True
 
 

@@ -39,7 +39,7 @@ DEFAULT_BACKLOG = 4096
 DEFAULT_CACHE_TTL = 30.0
 DEFAULT_TIMEOUT = 60.0  # Neutron's fixed upstream timeout
 DEFAULT_CONNECT_TIMEOUT = 10.0
-MAX_LINE = 8190  # the longest request line or header line (aiohttp's default)
+MAX_HEAD = 16 * 1024  # request line and header fields, up to the blank line
 
 # Neutron's spelling → ours. Accepted in the TOML table too, so one vocabulary works everywhere.
 NEUTRON_ALIASES: dict[str, str] = {
@@ -84,7 +84,7 @@ KEYS = frozenset(
         "pool_size",
         "cache_ttl",
         "max_body",
-        "max_line",
+        "max_head",
     }
 )
 
@@ -158,7 +158,7 @@ class AgentConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache_ttl: float = DEFAULT_CACHE_TTL
     max_body: int = MAX_BODY
-    max_line: int = MAX_LINE
+    max_head: int = MAX_HEAD
 
     def __post_init__(self) -> None:
         if not self.shared_secret:
@@ -188,8 +188,8 @@ class AgentConfig:
             raise ConfigError("agent.cache_ttl must be in [0, 3600] s", key="agent.cache_ttl")
         if not 0 <= self.max_body <= 16 * 1024 * 1024:
             raise ConfigError("agent.max_body must be in [0, 16 MiB]", key="agent.max_body")
-        if not 1024 <= self.max_line <= 64 * 1024:
-            raise ConfigError("agent.max_line must be in [1 KiB, 64 KiB]", key="agent.max_line")
+        if not 1024 <= self.max_head <= 1024 * 1024:
+            raise ConfigError("agent.max_head must be in [1 KiB, 1 MiB]", key="agent.max_head")
         # Fail on an unknown user or group now, not at the first request.
         resolve_user(self.proxy_user, key="agent.proxy_user")
         resolve_group(self.proxy_group, key="agent.proxy_group")
@@ -222,8 +222,14 @@ class AgentConfig:
         return _build(values)
 
     @classmethod
-    def from_neutron_ini(cls, text: str, *, source: str = "metadata_agent.ini") -> AgentConfig:
-        """Build from the text of a Neutron metadata_agent.ini (its [DEFAULT] section)."""
+    def from_neutron_ini(
+        cls,
+        text: str,
+        environ: Mapping[str, str] | None = None,
+        *,
+        source: str = "metadata_agent.ini",
+    ) -> AgentConfig:
+        """Build from a Neutron metadata_agent.ini's [DEFAULT]; METAPROXY_AGENT__* overrides."""
         # interpolation=None: a secret may contain '%'; oslo's own $var syntax is handled below.
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
@@ -235,6 +241,7 @@ class AgentConfig:
         raw = {k: v.replace("$state_path", state_path) for k, v in defaults.items()}
         values = _canonical({k: v for k, v in raw.items() if k in NEUTRON_ALIASES}, strict=False)
         values.setdefault("socket", f"{state_path}/metadata_proxy")
+        values.update(_canonical(env_overrides(environ or {}, "agent"), strict=True))
         return _build(values)
 
 
@@ -247,7 +254,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}", key="config") from exc
     if is_neutron_ini(text):
-        return AgentConfig.from_neutron_ini(text, source=str(path))
+        return AgentConfig.from_neutron_ini(text, environ, source=str(path))
     document = read_toml(path)
     table = document.get("agent", {})
     if not isinstance(table, dict):
@@ -291,7 +298,7 @@ def _build(values: dict[str, Any]) -> AgentConfig:
         upstream=_upstream(values),
         cache_ttl=_float(values, "cache_ttl", DEFAULT_CACHE_TTL),
         max_body=_int(values, "max_body", MAX_BODY),
-        max_line=_int(values, "max_line", MAX_LINE),
+        max_head=_int(values, "max_head", MAX_HEAD),
     )
 
 

@@ -18,13 +18,11 @@ import logging
 import os
 from pathlib import Path
 
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
-
 from metaproxy.agent.config import AgentConfig
 from metaproxy.agent.identity import ClientKey, client_key
 from metaproxy.agent.listener import Listener, bind_unix
 from metaproxy.agent.lookup import NotFound, PortRegistry, Registry
+from metaproxy.agent.protocol import AgentProtocol, Request
 from metaproxy.agent.upstream import Reply, Upstream, generic_body
 from metaproxy.config import resolve_group
 from metaproxy.errors import ClientProtocolError
@@ -32,9 +30,7 @@ from metaproxy.metadata.records import PortDirectory
 
 log = logging.getLogger(__name__)
 
-BODY_READ_TIMEOUT = 30.0
-KEEPALIVE_TIMEOUT = 60.0
-MAX_HEADERS = 100
+DRAIN_TIMEOUT = 5.0
 
 
 class AgentServer:
@@ -57,7 +53,8 @@ class AgentServer:
         self.statuses: collections.Counter[int] = collections.Counter()
         self._listener: Listener | None = None
         self._owns_listener = True
-        self._runner: web.ServerRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[AgentProtocol] = set()
 
     @property
     def socket_path(self) -> Path:
@@ -74,25 +71,26 @@ class AgentServer:
             listener = listen(cfg)
         try:
             await self.upstream.start()
-            server = web.Server(
-                self._handle,
-                access_log=None,
-                keepalive_timeout=KEEPALIVE_TIMEOUT,
-                max_line_size=cfg.max_line,
-                max_field_size=cfg.max_line,
-                max_headers=MAX_HEADERS,
+
+            def factory() -> AgentProtocol:
+                return AgentProtocol(
+                    self._answer,
+                    self._connections,
+                    max_head=cfg.max_head,
+                    max_body=cfg.max_body,
+                )
+
+            # asyncio calls listen() again on a given socket: pass the backlog, or its
+            # default (100) silently replaces ours.
+            server = await asyncio.get_running_loop().create_unix_server(
+                factory, sock=listener.sock, backlog=cfg.backlog
             )
-            runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5)
-            await runner.setup()
-            # SockSite calls listen() again: pass the backlog, or asyncio's default (100) wins.
-            site = web.SockSite(runner, listener.sock, backlog=cfg.backlog)
-            await site.start()
         except BaseException:
             if self._owns_listener:
                 listener.close()
             await self.upstream.close()
             raise
-        self._listener, self._runner = listener, runner
+        self._listener, self._server = listener, server
         log.info(
             "metadata agent (pid %d) serving on %s, upstream %s",
             os.getpid(),
@@ -102,9 +100,10 @@ class AgentServer:
 
     async def stop(self) -> None:
         """Stop serving, close the upstream pool and remove the socket file."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            await self._drain()
         await self.upstream.close()
         if self._listener is not None:
             if self._owns_listener:
@@ -119,24 +118,37 @@ class AgentServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _handle(self, request: BaseRequest) -> web.StreamResponse:
-        reply = await self._answer(request)
-        self.statuses[reply.status] += 1
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+    async def _drain(self) -> None:
+        """Close idle connections now; give busy ones DRAIN_TIMEOUT to finish their answer."""
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
+        while True:
+            for conn in list(self._connections):
+                if not conn.busy:
+                    conn.close()
+            if not self._connections or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            conn.close()
 
-    async def _answer(self, request: BaseRequest) -> Reply:
+    async def _answer(self, request: Request) -> Reply:
+        reply = await self._decide(request)
+        self.statuses[reply.status] += 1
+        return reply
+
+    async def _decide(self, request: Request) -> Reply:
         try:
-            key = client_key(lambda name: request.headers.getall(name, []))
-            target = request.raw_path
-            if not target.startswith("/"):
-                raise ClientProtocolError(f"request target {target[:80]!r} is not origin-form")
-            body = await self._read_body(request)
+            key = client_key(request.getall)
+            if not request.target.startswith("/"):
+                raise ClientProtocolError(
+                    f"request target {request.target[:80]!r} is not origin-form"
+                )
         except ClientProtocolError as exc:
             # Fronts build these headers themselves: a bad one is a front bug or a spoof.
             log.warning("refusing request from a front: %s", exc)
             return _error(exc.status_hint)
         try:
-            return await self._relay(request, key, target, body)
+            return await self._relay(request, key)
         except NotFound as exc:
             log.info("no single port for this request: %s", exc)
             return _error(404)
@@ -147,10 +159,16 @@ class AgentServer:
             log.exception("unexpected error while relaying a metadata request")
             return _error(500)
 
-    async def _relay(self, request: BaseRequest, key: ClientKey, target: str, body: bytes) -> Reply:
+    async def _relay(self, request: Request, key: ClientKey) -> Reply:
         match, cached = self.registry.resolve(key)
-        headers = request.headers.items()
-        reply = await self.upstream.forward(request.method, target, headers, body, match, key.ip)
+        forward = self.upstream.forward
+        method, target, headers, body = (
+            request.method,
+            request.target,
+            request.headers,
+            request.body,
+        )
+        reply = await forward(method, target, headers, body, match, key.ip)
         if reply.status == 404 and cached:
             # The metadata server does not know a cached instance: the port may have moved to
             # another instance since. Ask the store once more, and retry if the answer changed.
@@ -164,33 +182,8 @@ class AgentServer:
                     match.instance_id,
                     fresh.instance_id,
                 )
-                reply = await self.upstream.forward(
-                    request.method, target, headers, body, fresh, key.ip
-                )
+                reply = await forward(method, target, headers, body, fresh, key.ip)
         return reply
-
-    async def _read_body(self, request: BaseRequest) -> bytes:
-        """The whole body, by Content-Length (or chunks), within max_body; else 413/400."""
-        if not request.body_exists:
-            return b""
-        limit = self.config.max_body
-        length = request.content_length
-        if length is not None and length > limit:
-            raise ClientProtocolError(f"body of {length} bytes over {limit}", status_hint=413)
-        try:
-            async with asyncio.timeout(BODY_READ_TIMEOUT):
-                if length is not None:
-                    return await request.content.readexactly(length)
-                chunks: list[bytes] = []
-                total = 0
-                while chunk := await request.content.readany():
-                    total += len(chunk)
-                    if total > limit:
-                        raise ClientProtocolError(f"body over {limit} bytes", status_hint=413)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except (asyncio.IncompleteReadError, TimeoutError) as exc:
-            raise ClientProtocolError(f"incomplete request body: {type(exc).__name__}") from None
 
 
 def listen(cfg: AgentConfig) -> Listener:

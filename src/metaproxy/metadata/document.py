@@ -24,8 +24,23 @@ def parse(text: bytes, *, source: str) -> model.Inventory:
     return model.inventory_from_mapping(doc)
 
 
+class _Dumper(yaml.SafeDumper):
+    """safe_dump, with multi-line strings (user data) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def render(inventory: model.Inventory, fmt: Format) -> str:
     doc = model.inventory_to_mapping(inventory)
     if fmt == "json":
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    return str(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False))
+    text = yaml.dump(
+        doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False
+    )
+    return str(text)

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from metaproxy.metadata import reply
@@ -57,7 +58,15 @@ def files(view: InstanceView, version: str) -> list[str]:
     return names
 
 
+def seeded(answer: Reply) -> Reply:
+    """The cacheable meta_data.json answer with this request's `random_seed` added."""
+    seed = base64.b64encode(os.urandom(512))
+    body = answer.body[:-1] + b', "random_seed": "' + seed + b'"}'
+    return Reply(answer.status, body, answer.content_type, answer.headers)
+
+
 def meta_data(view: InstanceView, version: str) -> dict[str, Any]:
+    """meta_data.json without its random_seed (added per request by `seeded`)."""
     inst = view.instance
     doc: dict[str, Any] = {
         "uuid": inst.uuid,
@@ -73,9 +82,6 @@ def meta_data(view: InstanceView, version: str) -> dict[str, Any]:
             doc["keys"] = [
                 {"name": k.name, "type": "ssh", "data": k.data} for k in inst.public_keys
             ]
-    if _since(version, HAVANA):
-        # Nova sends fresh entropy on every request; cloud-init feeds it to the guest's RNG.
-        doc["random_seed"] = base64.b64encode(os.urandom(512)).decode("ascii")
     if _since(version, LIBERTY):
         doc["project_id"] = inst.project_id
     if _since(version, NEWTON_ONE):
@@ -163,7 +169,9 @@ def respond(view: InstanceView, parts: Sequence[str], method: str, body: bytes) 
         return reply.not_allowed("GET, HEAD")
     inst = view.instance
     if name == "meta_data.json":
-        return reply.ok(_dumps(meta_data(view, version)), reply.JSON)
+        answer = reply.ok(_dumps(meta_data(view, version)), reply.JSON)
+        # Nova sends fresh entropy on every request (HAVANA on); cloud-init seeds the guest's RNG.
+        return replace(answer, seeded=True) if _since(version, HAVANA) else answer
     if name == "user_data":
         return reply.ok(inst.user_data or b"", reply.BINARY)
     if name == "network_data.json":

@@ -29,6 +29,9 @@ class Reply:
     body: bytes = b""
     content_type: bytes = TEXT
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    # A JSON object that gets a fresh `random_seed` appended each time it is served (so the
+    # rest of it can be rendered once and cached): see openstack.seeded().
+    seeded: bool = False
 
 
 def ok(body: bytes | str, content_type: bytes = TEXT) -> Reply:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -46,6 +47,10 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY = 64 * 1024
 IDLE_TIMEOUT = 60.0
 CACHE_SIZE = 4096
+ANSWERS_PER_INSTANCE = 256
+# How often the store is asked whether anything changed (one SQLite call); an admin's change is
+# served at most this late. The server's own writes (passwords) are seen at once.
+REFRESH = 0.05
 
 _IDENTITY = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature")
 _WANTED = frozenset({*_IDENTITY, tokens.TOKEN_HEADER.encode(), tokens.TTL_HEADER.encode()})
@@ -81,6 +86,16 @@ def split_path(target: bytes) -> tuple[str, ...]:
     return parts
 
 
+class _Entry:
+    """One instance's view and the GET answers already rendered for it."""
+
+    __slots__ = ("answers", "view")
+
+    def __init__(self, view: InstanceView) -> None:
+        self.view = view
+        self.answers: dict[tuple[str, ...], Reply] = {}
+
+
 class MetadataApp:
     """Everything but the sockets: identity check, tokens, both trees."""
 
@@ -92,6 +107,7 @@ class MetadataApp:
         *,
         issuer: tokens.TokenIssuer | None = None,
         clock: Callable[[], float] = time.time,
+        refresh: float = REFRESH,
     ) -> None:
         if not secret:
             raise ConfigError("the metadata server needs a shared secret", key="shared_secret")
@@ -100,8 +116,10 @@ class MetadataApp:
         self._sessions = sessions
         self._issuer = issuer or tokens.TokenIssuer()
         self._clock = clock
-        self._cache: dict[str, InstanceView | None] = {}
+        self._cache: dict[str, _Entry | None] = {}
         self._cache_version: tuple[int, int] | None = None
+        self._refresh = refresh
+        self._checked = 0.0
 
     def handle(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
@@ -124,22 +142,34 @@ class MetadataApp:
             # Nova answers the EC2 version list before looking at any identity.
             return ec2.VERSION_LIST if method == "GET" else reply.not_allowed("GET, HEAD")
         found = _collect(headers)
-        view = self._authenticate(found)
+        entry = self._authenticate(found)
         if parts == _TOKEN_PARTS:
-            return self._token(method, view, found)
-        self._check_token(view, found)
-        if parts[0] == "openstack":
-            answer = openstack.respond(view, parts[1:], method, body)
+            return self._token(method, entry.view, found)
+        self._check_token(entry.view, found)
+        if method == "GET":
+            answer = entry.answers.get(parts)
+            if answer is None:
+                answer = self._render(entry.view, parts, method, body)
+                # Only what exists is kept: the tree is finite, a guest's random paths are not.
+                if answer.status == 200 and len(entry.answers) < ANSWERS_PER_INSTANCE:
+                    entry.answers[parts] = answer
+        else:
+            answer = self._render(entry.view, parts, method, body)
             if answer is openstack.PASSWORD_STORE:
-                return self._store_password(view, body)
-            return answer
+                return self._store_password(entry.view, body)
+        return openstack.seeded(answer) if answer.seeded else answer
+
+    @staticmethod
+    def _render(view: InstanceView, parts: tuple[str, ...], method: str, body: bytes) -> Reply:
+        if parts[0] == "openstack":
+            return openstack.respond(view, parts[1:], method, body)
         if method != "GET":
             return reply.not_allowed("GET, HEAD")
         return ec2.respond(view, parts)
 
     # -- identity -----------------------------------------------------------------------------
 
-    def _authenticate(self, found: dict[bytes, list[bytes]]) -> InstanceView:
+    def _authenticate(self, found: dict[bytes, list[bytes]]) -> _Entry:
         values = []
         for name in _IDENTITY:
             got = found.get(name, [])
@@ -150,25 +180,35 @@ class MetadataApp:
         instance_id, tenant_id, signature = values
         if not verify_instance_id(self._secret, instance_id, signature):
             raise _Refused(403, f"bad signature for instance {instance_id[:64]!r}")
-        view = self._view(instance_id)
-        if view is None:
+        entry = self._entry(instance_id)
+        if entry is None:
             raise _Refused(404, f"unknown instance {instance_id[:64]!r}")
-        if view.instance.project_id != tenant_id:
+        if entry.view.instance.project_id != tenant_id:
             raise _Refused(
                 404, f"instance {instance_id} belongs to another project than {tenant_id[:64]!r}"
             )
-        return view
+        return entry
 
-    def _view(self, instance_id: str) -> InstanceView | None:
-        version = self._store.data_version()
-        if version != self._cache_version or len(self._cache) >= CACHE_SIZE:
+    def _entry(self, instance_id: str) -> _Entry | None:
+        """The cached view and answers, dropped whenever the store changed (any process)."""
+        now = time.monotonic()
+        if now - self._checked >= self._refresh or self._cache_version is None:
+            self._checked = now
+            version = self._store.data_version()
+            if version != self._cache_version:
+                self._cache.clear()
+                self._cache_version = version
+        elif self._store.data_version_local() != self._cache_version[1]:
+            self._cache.clear()  # our own write (a password): never serve the old one
+            self._cache_version = self._store.data_version()
+        if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
-            self._cache_version = version
         try:
             return self._cache[instance_id]
         except KeyError:
-            view = self._cache[instance_id] = self._store.instance_view(instance_id)
-            return view
+            view = self._store.instance_view(instance_id)
+            entry = self._cache[instance_id] = None if view is None else _Entry(view)
+            return entry
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -258,6 +298,16 @@ class _HttpProtocol(asyncio.Protocol):
             self._idle.cancel()
         self._transport = None
 
+    # A client that pipelines requests but never reads the answers must not grow our buffer:
+    # stop reading while the transport's write buffer is over its high-water mark.
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def _arm(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
@@ -266,6 +316,10 @@ class _HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._arm()
@@ -377,6 +431,11 @@ class MetadataServer:
         self._server.close()
         for connection in list(self._connections):
             connection.close()
+        if self._connections:
+            # close() waits to flush; a peer that stopped reading would hold us forever.
+            await asyncio.sleep(0.1)
+            for connection in list(self._connections):
+                connection.abort()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
         self._server = None
@@ -394,7 +453,7 @@ class MetadataServer:
 
 
 def _remove_stale_socket(path: os.PathLike[str]) -> None:
-    """A socket left by a previous run is ours to replace; any other file is not."""
+    """A dead socket left by a previous run is ours to replace; a live one or any file is not."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -403,7 +462,18 @@ def _remove_stale_socket(path: os.PathLike[str]) -> None:
         raise ConfigError(
             f"metadata.listen: {path} exists and is not a socket", key="metadata.listen"
         )
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except OSError:
+        os.unlink(path)  # nobody answers: stale
+    else:
+        raise ConfigError(
+            f"metadata.listen: {path} is in use by another server", key="metadata.listen"
+        )
+    finally:
+        probe.close()
 
 
 async def serve(config: MetadataConfig, store: Store) -> None:

@@ -1,6 +1,6 @@
 """IMDSv2-style session tokens, stateless: an HMAC over (instance, expiry, nonce), pure.
 
-A token is `v1.<base64url(expiry ‖ nonce ‖ mac)>` with mac = HMAC-SHA256(key, instance ‖ expiry ‖
+A token is `v1.<base64url(expiry_ms ‖ nonce ‖ mac)>` with mac = HMAC-SHA256(key, instance ‖ expiry ‖
 nonce). The server checks it against the instance the *agent* vouched for (X-Instance-ID, signed),
 so a token taken from one instance is worthless to any other. Nothing is stored per token, so a
 GET never writes; the key lives in memory only, so a restart invalidates every token (clients
@@ -51,7 +51,8 @@ class TokenIssuer:
         return hmac.new(self._key, instance_id.encode() + b"\0" + head, hashlib.sha256).digest()
 
     def issue(self, instance_id: str, ttl: int, now: float) -> str:
-        head = _PACK.pack(int(now) + ttl, secrets.token_bytes(8))
+        # Milliseconds: a 1-second token must not expire at the next whole second.
+        head = _PACK.pack(int((now + ttl) * 1000), secrets.token_bytes(8))
         raw = head + self._mac(instance_id, head)
         return _PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -70,4 +71,4 @@ class TokenIssuer:
         if not hmac.compare_digest(mac, self._mac(instance_id, head)):
             return False
         expiry, _ = _PACK.unpack(head)
-        return bool(now < expiry)
+        return bool(now * 1000 < expiry)

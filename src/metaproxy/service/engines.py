@@ -26,8 +26,9 @@ class BuiltinEngine:
 
     kind = "builtin"
 
-    def __init__(self, front: BuiltinFront) -> None:
+    def __init__(self, front: BuiltinFront, *, drain: float = 0.0) -> None:
         self.front = front
+        self.drain = drain
 
     async def start(self, spec: FrontSpec) -> None:
         await self.front.add(spec)
@@ -52,7 +53,7 @@ class BuiltinEngine:
         )
 
     async def close(self) -> None:
-        await self.front.close()
+        await self.front.close(drain=self.drain)
 
 
 def create(cfg: Config) -> FrontEngine:
@@ -63,4 +64,4 @@ def create(cfg: Config) -> FrontEngine:
         return HaproxyEngine.from_config(cfg)
     from metaproxy.front.builtin import BuiltinFront
 
-    return BuiltinEngine(BuiltinFront())
+    return BuiltinEngine(BuiltinFront(), drain=cfg.service.drain_timeout)

@@ -169,11 +169,14 @@ class FrontSet:
         return gone
 
     async def close(self) -> None:
-        """Stop every front, then the engine (which drains in-flight requests)."""
-        for front in list(self.fronts.values()):
-            await self._stop(front)
-        self.fronts.clear()
-        await self.engine.close()
+        """Stop every front at once through the engine: all listeners stop accepting first, then
+        requests in flight get the engine's drain time, then connections and processes go."""
+        try:
+            await self.engine.close()
+        finally:
+            for front in self.fronts.values():
+                front.state = "stopped"
+            self.fronts.clear()
 
     def status(self) -> list[dict[str, Any]]:
         rows = []

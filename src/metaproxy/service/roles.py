@@ -68,6 +68,12 @@ class Roles:
         if self.cfg.service.metadata_url is None:
             await self._start_server(store)
         agent_cfg = AgentConfig.from_mapping(self.agent_table(), {})
+        if agent_cfg.workers > 1:
+            log.warning(
+                "agent.workers = %d is for 'metaproxy agent' on its own; under 'metaproxy up' the "
+                "agent runs in the service's process",
+                agent_cfg.workers,
+            )
         agent = AgentServer(agent_cfg, self.store)
         agent.upstream = _timed_upstream(agent_cfg, self.latency)
         await agent.start()

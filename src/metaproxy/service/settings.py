@@ -169,8 +169,11 @@ class FrontDefaults:
     network_netns: str = "qdhcp-{id}"
     router_netns: str = "qrouter-{id}"
 
-    def netns_for(self, kind: IdentityKind, ident: str) -> str:
+    def netns_for(self, kind: IdentityKind, ident: str) -> str | None:
+        """The namespace for a front that names none; "" as template: the host's own."""
         template = self.network_netns if kind == "network" else self.router_netns
+        if not template:
+            return None
         return validate_netns(template.replace("{id}", ident), key=f"front.{kind}_netns")
 
 
@@ -321,13 +324,16 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
     for kind in ("network", "router"):
         key = f"{kind}_netns"
         template = _take(table, "front", key, str)
-        if template is not None:
-            if template.replace("{id}", "") == template or "{" in template.replace("{id}", ""):
-                raise ConfigError(
-                    f"front.{key}: {template!r} must contain {{id}} and no other placeholder",
-                    key=f"front.{key}",
-                )
-            templates[key] = template
+        if template is None:
+            continue
+        rest = template.replace("{id}", "")
+        if template and (rest == template or "{" in rest or "}" in rest):
+            raise ConfigError(
+                f"front.{key}: {template!r} must contain {{id}} and no other placeholder "
+                '(or be "" for the host\'s own namespace)',
+                key=f"front.{key}",
+            )
+        templates[key] = template
     defaults = FrontDefaults(
         **templates,
         bind_address=bind,

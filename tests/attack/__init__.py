@@ -1,0 +1,1 @@
+"""The attack suite: hostile input, floods and faults against the real parts (see README)."""
