@@ -268,10 +268,11 @@ class RawBackend:
         if mode == "garbage":
             conn.sendall(b"\x16\x03\x01 this is not HTTP at all\r\n\r\n")
             return False
-        body = b"" if up.method == "HEAD" else BODY_MARK
+        # The body names the request it answers, so a response given to the wrong client shows.
+        full = BODY_MARK + up.target.encode("latin-1", "replace")[:200] + b"\n"
+        body = b"" if up.method == "HEAD" else full
         head = (
-            f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(BODY_MARK)}\r\n\r\n"
+            f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(full)}\r\n\r\n"
         ).encode()
         if mode == "close-mid":
             conn.sendall(head + body[:3])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from attack import fronts
@@ -26,3 +29,30 @@ def test_hostile_bytes_through_front(
     verdict = check_case(front.addr, raw_backend, case, truth, f"{front.engine} front")
     assert verdict.ok, f"{case.name} [{verdict.outcome}]: {verdict.problems}"
     assert front.alive(), f"{front.engine} front died on {case.name}:\n{front.log_tail()}"
+
+
+@pytest.fixture(scope="module", params=fronts.engine_params())
+def router_front(
+    request: pytest.FixtureRequest, raw_backend: RawBackend, attack_tmp: Path
+) -> Iterator[fronts.Front]:
+    """The same fronts in router mode: the true identity is X-Neutron-Router-ID."""
+    engine: str = request.param
+    with fronts.running_front(
+        engine,
+        raw_backend.path,
+        attack_tmp / f"router-{engine}",
+        router=True,
+        timeouts={"http_request": 2, "http_keep_alive": 2, "client": 5, "server": 5, "connect": 2},
+    ) as running:
+        yield running
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CORPUS if c.cls == "forgery"])
+def test_forgery_through_router_front(
+    router_front: fronts.Front, raw_backend: RawBackend, case: Case
+) -> None:
+    truth = Truth(router_front.identity_header, router_front.identity, "127.0.0.1")
+    verdict = check_case(
+        router_front.addr, raw_backend, case, truth, f"{router_front.engine} front (router)"
+    )
+    assert verdict.ok, f"{case.name} [{verdict.outcome}]: {verdict.problems}"

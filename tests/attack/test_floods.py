@@ -67,11 +67,14 @@ def connections(front: fronts.Front, source: str, count: int, first: bytes) -> I
         for _ in range(count):
             try:
                 s = socket.create_connection(front.addr, timeout=2, source_address=(source, 0))
+            except OSError:
+                break
+            socks.append(s)  # closed below even when the send fails (else a ResourceWarning)
+            try:
                 if first:
                     s.sendall(first)
             except OSError:
                 break
-            socks.append(s)
         yield len(socks)
     finally:
         for s in socks:
@@ -166,3 +169,50 @@ def test_request_flood_from_one_instance(
     tally.note(f"{flood_front.engine} front flood: {sent[0]} requests, RSS {before}->{after} KiB")
     assert ok, f"{detail} (flood sent {sent[0]})"
     assert after - before < RSS_GROWTH_LIMIT_KIB
+
+
+BUILTIN = [p for p in fronts.engine_params() if getattr(p, "id", "") == "builtin"]
+
+
+@pytest.mark.parametrize("engine", BUILTIN)
+def test_rate_limit_holds_one_instance_back(
+    engine: str, raw_backend: RawBackend, attack_tmp: Path
+) -> None:
+    """Neutron's per-source rate limit (builtin engine): the flooder gets 429, others do not."""
+    rate = (
+        "--rate_limit_enabled",
+        "--base_query_rate_limit",
+        "20",
+        "--burst_query_rate_limit",
+        "10",
+        "--base_window_duration",
+        "10",
+        "--burst_window_duration",
+        "2",
+    )
+    raw_backend.reset()
+    with fronts.running_front(
+        engine, raw_backend.path, attack_tmp / f"rate-{engine}", extra=rate
+    ) as front:
+        statuses = []
+        for _ in range(60):
+            with socket.create_connection(
+                front.addr, timeout=3, source_address=("127.0.0.12", 0)
+            ) as s:
+                ex = exchange(front.addr, req(), sock=s, timeout=3)
+            statuses.append(ex.statuses[0] if ex.statuses else 0)
+        served = statuses.count(200)
+        limited = statuses.count(429)
+        ok_flooder = served <= 20 and limited >= 40 - 1 and set(statuses) <= {200, 429}
+        ok, detail = check_victim(front, "rate-limited flooder (60 requests)", "127.0.0.13")
+        tally.fault(
+            CLS,
+            f"{engine} front",
+            survived=ok_flooder,
+            example=f"flooder: {served} served, {limited} got 429",
+        )
+        tally.note(f"{engine} front rate limit: flooder {served} served / {limited} x 429")
+        assert ok_flooder, statuses
+        assert ok, detail
+        upstream_from_flooder = len(raw_backend.snapshot()[0])
+        assert upstream_from_flooder <= 20 + 5, upstream_from_flooder

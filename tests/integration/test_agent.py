@@ -913,3 +913,36 @@ async def test_stop_leaves_a_socket_someone_else_put_there(
         assert config.socket_path.is_socket()
     finally:
         newcomer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(
+    agent: AgentServer, metadata: MetadataServer
+) -> None:
+    head = request_bytes([*ident(), ("Expect", "100-continue"), ("Content-Length", "5")])
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket_path))
+        try:
+            writer.write(head)
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            [(status, _)] = await _read_answers(reader, 1)
+        finally:
+            writer.close()
+    assert status == 200
+    assert metadata.seen[0].body == b"hello"
+
+
+async def test_waiting_for_a_pooled_connection_counts_against_the_timeout(
+    short_tmp: Path, directory: MemoryDirectory, metadata: MetadataServer
+) -> None:
+    metadata.delay = 3.0
+    config = make_config(short_tmp, metadata.url, pool_size=1, timeout=1.5)
+    async with AgentServer(config, directory) as server, asyncio.timeout(20):
+        started = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(
+            raw_request(server.socket_path, request_bytes(ident())),
+            raw_request(server.socket_path, request_bytes(ident())),
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+    assert [a.status for a in answers] == [504, 504]
+    assert elapsed < 2.5  # both gave up after ~1.5 s, not one after the other (3 s)

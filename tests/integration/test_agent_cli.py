@@ -179,6 +179,36 @@ def test_empty_secret_refuses_to_start(short_tmp: Path, store: Path, text: str) 
     assert not sock.exists()
 
 
+def test_secret_file_flag_fills_a_neutron_ini_without_secret(
+    short_tmp: Path, store: Path, upstream: Recorder
+) -> None:
+    sock = short_tmp / "run" / "agent.sock"
+    ini = short_tmp / "metadata_agent.ini"
+    ini.write_text(f"[DEFAULT]\nmetadata_proxy_socket = {sock}\n")
+    secret_file = short_tmp / "secret"
+    secret_file.write_text(SECRET)
+    proc = cli.popen(
+        "agent",
+        "--config",
+        str(ini),
+        "--store",
+        str(store),
+        "--shared-secret-file",
+        str(secret_file),
+        "--metadata_url",
+        f"unix:{upstream.path}",
+    )
+    try:
+        wait_for_socket(sock, proc)
+        answer = get(sock, {"X-Neutron-Network-ID": NET, "X-Forwarded-For": CLIENT_IP})
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    signature = hmac.new(SECRET.encode(), INSTANCE.encode(), hashlib.sha256).hexdigest()
+    assert upstream.requests[0].values("X-Instance-ID-Signature") == [signature]
+
+
 def test_secret_is_not_accepted_on_the_command_line(short_tmp: Path) -> None:
     result = cli.run("agent", "--metadata_proxy_shared_secret", SECRET)
     assert result.returncode == 2

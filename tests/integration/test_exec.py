@@ -249,3 +249,33 @@ def test_parse_allowed_dirs() -> None:
     assert sexec.parse_allowed_dirs("/a:/b,/c") == (Path("/a"), Path("/b"), Path("/c"))
     with pytest.raises(UntrustedBinary, match="absolute"):
         sexec.parse_allowed_dirs("rel/dir")
+
+
+def test_spawn_async_under_uvloop_has_the_same_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`metaproxy up` runs on uvloop: its child gets the same env, no fds, /dev/null, umask."""
+    uvloop = pytest.importorskip("uvloop")
+    for key, value in POLLUTED.items():
+        monkeypatch.setenv(key, value)
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(read_fd, True)
+
+    async def child(argv: list[str]) -> bytes:
+        proc = await sexec.spawn_async(argv, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return out
+
+    script = "umask; readlink /proc/self/fd/0; ls /proc/self/fd; env"
+    try:
+        out = uvloop.run(child(["/bin/sh", "-c", script])).decode().splitlines()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert out[0] == "0077"
+    assert out[1] == "/dev/null"
+    env_lines = [line for line in out if "=" in line]
+    assert sorted(n.split("=", 1)[0] for n in env_lines if not n.startswith("PWD=")) == [
+        "LANG",
+        "PATH",
+    ]
+    fds = {int(x) for x in out[2:] if x.isdigit()}
+    assert fds <= {0, 1, 2, 3}, "0-2 and ls's own directory handle only"

@@ -51,6 +51,7 @@ def test_private_dir_is_created_0700(base: Path) -> None:
     finally:
         os.umask(old)
     assert _mode(made) == 0o700
+    assert _mode(base / "a") == 0o755, "a missing parent is not world-writable under umask 0"
 
 
 def test_private_dir_of_ours_too_open_is_tightened(base: Path) -> None:

@@ -368,3 +368,11 @@ def test_tokens_do_not_survive_a_new_key(store: SqliteStore, clock: Clock) -> No
     token = put_token(app_for(store, clock))[1]
     fresh = MetadataApp(store, SECRET, "optional", clock=clock)  # a restart: new random key
     assert get(fresh, "/latest/meta-data/instance-id", [*identity(), (TOKEN, token)])[0] == 401
+
+
+def test_own_password_write_is_seen_at_once(store: SqliteStore, clock: Clock) -> None:
+    """However rarely the store is polled for others' changes, the server's own write shows."""
+    app = MetadataApp(store, SECRET, "optional", clock=clock, refresh=3600)
+    assert get(app, "/openstack/latest/password") == (200, b"")
+    assert get(app, "/openstack/latest/password", method="POST", body=b"pw")[0] == 200
+    assert get(app, "/openstack/latest/password") == (200, b"pw")

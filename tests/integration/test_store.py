@@ -316,3 +316,17 @@ def test_two_processes_write_and_read_at_once(store: SqliteStore) -> None:
     assert found == []
     assert len([i for i in store.instances() if i.project_id == "pw"]) == ROUNDS // 2
     assert os.path.exists(path)
+
+
+def test_read_failures_are_store_errors(store: SqliteStore) -> None:
+    """The agent catches StoreError, not sqlite3's tree: every read path translates."""
+    store.close()
+    for read in (
+        lambda: store.ports_by_ip(["net1"], "169.254.10.5"),
+        lambda: store.ports_by_mac(["net1"], "fa:16:3e:00:00:01"),
+        lambda: store.router_networks("r1"),
+        store.data_version,
+        lambda: store.instance_view(UUID1),
+    ):
+        with pytest.raises(StoreError):
+            read()

@@ -219,3 +219,18 @@ def test_store_found_by_config_and_state_path(short_tmp: Path) -> None:
     config.write_text("[store]\npaht = 1\n")
     result = runner.run("network", "list", "--config", str(config))
     assert result.returncode == 2 and "[store] paht: unknown key" in result.stderr
+
+
+def test_output_cut_short_by_a_pipe(short_tmp: Path) -> None:
+    """`metaproxy export | head -1`: no traceback when the reader goes away."""
+    store = short_tmp / "m.db"
+    doc = {"networks": [{"id": f"net{n}", "name": "x" * 200} for n in range(50)]}
+    (short_tmp / "big.json").write_text(json.dumps(doc))
+    assert runner.run("import", str(short_tmp / "big.json"), "--store", str(store)).returncode == 0
+    proc = runner.popen("export", "--store", str(store))
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader leaves before the first byte
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err

@@ -337,10 +337,14 @@ def test_missing_namespace_is_a_clear_error(short_tmp: Path, recorder: Recorder)
 
 def test_second_start_is_refused_while_running(short_tmp: Path, recorder: Recorder) -> None:
     with running_front("haproxy", short_tmp / "state", recorder.path) as front:
-        again = cli.run(*front.args)
+        [conf] = (short_tmp / "state" / "haproxy").glob("*.conf")
+        before = conf.read_text()
+        again = cli.run(*front.args[:-2], "--metadata_port", str(free_port()))
         assert again.returncode != 0
         assert "already running" in again.stderr
+        assert conf.read_text() == before, "the serving haproxy's config was not rewritten"
         os.kill(front.pid, 0)
+        assert status_of(exchange(front.host, front.port, GET)) == 200
 
 
 def _spec(short_tmp: Path, recorder: Recorder, port: int) -> FrontSpec:
@@ -389,3 +393,35 @@ def test_engine_api_async_start(short_tmp: Path, recorder: Recorder) -> None:
 
     assert asyncio.run(scenario()) == 200
     engine.cleanup(prepared.files)
+
+
+def test_haproxy_drops_to_the_metadata_proxy_user(short_tmp: Path, recorder: Recorder) -> None:
+    """--metadata_proxy_user/group: haproxy serves as that uid/gid (Neutron's user/group)."""
+    extra = ("--metadata_proxy_user", str(NOBODY), "--metadata_proxy_group", str(NOBODY))
+    short_tmp.chmod(0o711)  # the agent socket's directory must be reachable by that user
+    with running_front("haproxy", short_tmp / "state", recorder.path, extra=extra) as front:
+        status = Path(f"/proc/{front.pid}/status").read_text().splitlines()
+        uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+        gids = next(line for line in status if line.startswith("Gid:")).split()[1:]
+        assert set(uids) == {str(NOBODY)}
+        assert set(gids) == {str(NOBODY)}
+        assert status_of(exchange(front.host, front.port, GET)) == 200
+
+
+def test_destroy_finds_haproxy_whose_pidfile_was_removed(
+    short_tmp: Path, recorder: Recorder
+) -> None:
+    """Nothing is left behind silently: a lost pidfile does not orphan a serving haproxy."""
+    args = ns_proxy_args("haproxy", short_tmp / "state", recorder.path, port=free_port())
+    assert cli.run(*args).returncode == 0
+    pidfile = short_tmp / "state" / "front.pid"
+    pid = int(pidfile.read_text())
+    try:
+        pidfile.unlink()
+        result = cli.run(*args, "--destroy")
+        assert result.returncode == 0, result.stderr
+        assert "missing or stale" in result.stderr
+        assert _gone(pid)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)

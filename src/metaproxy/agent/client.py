@@ -191,15 +191,13 @@ class HttpPool:
 
     async def request(self, data: bytes, *, head: bool, timeout: float) -> Answer:
         """Send `data` (a whole serialized request) and read the whole answer."""
-        async with self._slots:
-            try:
-                async with asyncio.timeout(timeout):
-                    return await self._request(data, head)
-            except TimeoutError:
-                # A connect timeout is already an UpstreamError(503): this is the answer's.
-                raise UpstreamError(
-                    "metadata server did not answer in time", status_hint=504
-                ) from None
+        try:
+            # The wait for a free connection counts too: a saturated server is a slow one.
+            async with asyncio.timeout(timeout), self._slots:
+                return await self._request(data, head)
+        except TimeoutError:
+            # A connect timeout is already an UpstreamError(503): this is the answer's.
+            raise UpstreamError("metadata server did not answer in time", status_hint=504) from None
 
     async def _request(self, data: bytes, head: bool) -> Answer:
         conn = self._take_idle()

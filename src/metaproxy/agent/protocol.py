@@ -142,10 +142,18 @@ class AgentProtocol(asyncio.Protocol):
             raise _Refuse(431)
 
     def on_headers_complete(self) -> None:
+        expect = False
         for name, value in self._headers:
-            if name.lower() == "content-length" and value.isdigit():
+            lower = name.lower()
+            if lower == "content-length" and value.isdigit():
                 if int(value) > self._max_body:
                     raise _Refuse(413)
+            elif lower == "expect" and value.strip().lower() == "100-continue":
+                expect = True
+        # RFC 9110 §10.1.1: a client that sent Expect waits for 100 before its body; answer it
+        # when nothing else is owed on this connection (an interim answer must not overtake).
+        if expect and not self.busy and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

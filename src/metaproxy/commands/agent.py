@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.agent.config import AgentConfig, is_neutron_ini, load, parse_metadata_url
-from metaproxy.config import read_secret, read_toml
+from metaproxy.config import read_toml
 from metaproxy.errors import ConfigError
 from metaproxy.metadata.config import STORE_FILENAME, StoreConfig
 from metaproxy.metadata.store import SqliteStore
@@ -84,18 +84,16 @@ def config_from_args(
 ) -> tuple[AgentConfig, Path]:
     """The effective agent config and store path: file, then environment, then flags."""
     store: Path | None = args.store
+    if args.shared_secret_file:
+        # As an environment override, so that it also fills a file's missing secret.
+        environ = {**environ, "METAPROXY_AGENT__SHARED_SECRET_FILE": args.shared_secret_file}
     if args.config is not None:
         config = load(args.config, environ)
         if store is None and not _is_ini(args.config):
             store = _store_from_toml(args.config, environ)
     else:
-        config = AgentConfig.from_mapping(_secret_only(args), environ)
+        config = AgentConfig.from_mapping({}, environ)
     return _apply_flags(config, args), (store or DEFAULT_STORE).absolute()
-
-
-def _secret_only(args: argparse.Namespace) -> dict[str, Any]:
-    # Without a file the secret must come from the environment or --shared_secret_file.
-    return {"shared_secret_file": args.shared_secret_file} if args.shared_secret_file else {}
 
 
 def _is_ini(path: Path) -> bool:
@@ -128,10 +126,6 @@ def _apply_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
         changes["workers"] = args.metadata_workers
     if args.cache_ttl is not None:
         changes["cache_ttl"] = args.cache_ttl
-    if args.shared_secret_file and args.config is not None:
-        changes["shared_secret"] = read_secret(
-            None, args.shared_secret_file, key="agent.shared_secret"
-        )
     if args.metadata_url is not None:
         changes["upstream"] = dataclasses.replace(config.upstream, **_url_fields(args.metadata_url))
     return dataclasses.replace(config, **changes) if changes else config

@@ -314,11 +314,26 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def stop(front: FrontFiles, timeout: float = 10.0) -> bool:
-    """Stop the haproxy named in the pidfile if (and only if) it is ours; True if one was."""
+    """Stop the haproxy serving `front` if (and only if) it is ours; True if one was.
+
+    Found through the pidfile (trusted only when /proc/<pid>/cmdline holds `-f <config>`), or,
+    when the pidfile is gone or stale, by looking for a haproxy running that config.
+    """
     pid = pidfile.find_ours(front.pidfile, front.identity_args)
-    if pid is None:
-        return False
-    expected: Sequence[str] = front.identity_args
+    pids = [pid] if pid is not None else pidfile.scan(front.identity_args, exe_name="haproxy")
+    if pid is None and pids:
+        log.warning(
+            "pidfile %s is missing or stale, but haproxy %s serves %s; stopping it",
+            front.pidfile,
+            ",".join(map(str, pids)),
+            front.config,
+        )
+    for each in pids:
+        _stop_pid(each, front.identity_args, timeout)
+    return bool(pids)
+
+
+def _stop_pid(pid: int, expected: Sequence[str], timeout: float) -> None:
     _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while pidfile.matches(pid, expected):
@@ -328,7 +343,6 @@ def stop(front: FrontFiles, timeout: float = 10.0) -> bool:
             deadline = time.monotonic() + timeout
         time.sleep(0.05)
     log.info("stopped haproxy pid %d", pid)
-    return True
 
 
 def cleanup(front: FrontFiles) -> None:
@@ -352,6 +366,11 @@ def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
     """`ns-proxy --engine haproxy`: detached by default, attached with --foreground."""
     foreground = bool(getattr(args, "foreground", False))
     settings = settings_from_args(args, foreground=foreground)
+    front = files_for(spec)
+    running = pidfile.find_ours(front.pidfile, front.identity_args)
+    if running is not None:
+        # Refused before the config is rewritten under the haproxy that is serving it.
+        raise ProcessError(f"haproxy for {spec.name} is already running as pid {running}")
     try:
         prepared = prepare(spec, settings)
         proc = start(prepared, stderr=None if foreground else subprocess.PIPE)

@@ -78,7 +78,9 @@ def _bind_line(spec: FrontSpec) -> str:
 
 
 def _global(spec: FrontSpec, settings: RenderSettings) -> list[str]:
-    lines = ["global", f"    maxconn {spec.maxconn}"]
+    # One thread: a metadata front is light, and haproxy's default (a thread per CPU) times
+    # hundreds of networks on a big host is thousands of idle threads.
+    lines = ["global", f"    maxconn {spec.maxconn}", "    nbthread 1"]
     if spec.user is not None:
         lines.append(f"    uid {spec.user}")
     if spec.group is not None:

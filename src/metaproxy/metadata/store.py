@@ -161,8 +161,8 @@ class SqliteStore:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            nested = self._db.in_transaction
             try:
+                nested = self._db.in_transaction
                 if not nested:
                     self._db.execute("BEGIN")
                 try:
@@ -177,10 +177,17 @@ class SqliteStore:
         with self._lock:
             self._db.close()
 
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """One statement outside any explicit transaction (SQLite makes it atomic)."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read store {self.path}: {exc}") from exc
+
     def data_version(self) -> tuple[int, int]:
         """Changes whenever a commit happened: (other connections', this connection's)."""
-        with self._lock:
-            return self._db.execute("PRAGMA data_version").fetchone()[0], self._local_writes
+        return self._query("PRAGMA data_version")[0][0], self._local_writes
 
     def data_version_local(self) -> int:
         """The second half of data_version(), without asking SQLite (this connection's commits)."""
@@ -192,24 +199,21 @@ class SqliteStore:
         if not network_ids:
             return []
         marks = ",".join("?" * len(network_ids))
-        with self._lock:
-            rows = self._db.execute(_BY_IP.format(marks=marks), (*network_ids, ip)).fetchall()
+        rows = self._query(_BY_IP.format(marks=marks), (*network_ids, ip))
         return [PortMatch(*row) for row in rows]
 
     def ports_by_mac(self, network_ids: Sequence[str], mac: str) -> list[PortMatch]:
         if not network_ids:
             return []
         marks = ",".join("?" * len(network_ids))
-        with self._lock:
-            rows = self._db.execute(_BY_MAC.format(marks=marks), (*network_ids, mac)).fetchall()
+        rows = self._query(_BY_MAC.format(marks=marks), (*network_ids, mac))
         return [PortMatch(*row) for row in rows]
 
     def router_networks(self, router_id: str) -> list[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT network_id FROM router_networks WHERE router_id = ? ORDER BY network_id",
-                (router_id,),
-            ).fetchall()
+        rows = self._query(
+            "SELECT network_id FROM router_networks WHERE router_id = ? ORDER BY network_id",
+            (router_id,),
+        )
         return [row[0] for row in rows]
 
     # -- networks and routers -----------------------------------------------------------------

@@ -162,6 +162,19 @@ def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _uvloop_child_setup(umask: int, keep: tuple[int, ...]) -> None:
+    """In the forked child: set the umask, and mark every descriptor but 0-2 and `keep`
+    close-on-exec (closing them here would also close uvloop's own exec-status pipe)."""
+    os.umask(umask)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, fd in keep)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
 def _popen_kwargs(
     argv: Sequence[str],
     allowed_dirs: Sequence[str | os.PathLike[str]],
@@ -215,10 +228,11 @@ async def spawn_async(
     """The asyncio twin of `spawn`, with the same checks and the same child setup."""
     args, kwargs = _popen_kwargs(argv, allowed_dirs, env, pass_fds)
     if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
-        # uvloop's subprocess_exec has no `umask` (ValueError: unexpected kwargs); it does run
-        # preexec_fn in the child between fork and exec, which gives the same umask.
+        # uvloop's subprocess_exec has no `umask` (ValueError: unexpected kwargs) and ignores
+        # close_fds (an inheritable descriptor of the parent reached the child: proven in
+        # tests/integration/test_exec.py). preexec_fn runs in the child between fork and exec.
         umask = kwargs.pop("umask")
-        kwargs["preexec_fn"] = functools.partial(os.umask, umask)
+        kwargs["preexec_fn"] = functools.partial(_uvloop_child_setup, umask, tuple(pass_fds))
     log.info("starting %s", shlex.join(args))
     try:
         return await asyncio.create_subprocess_exec(*args, stdout=stdout, stderr=stderr, **kwargs)

@@ -42,11 +42,25 @@ def _fail(path: str | os.PathLike[str], what: str, exc: OSError) -> FileError:
     )
 
 
+def _make_parents(directory: Path) -> None:
+    """Create missing ancestors 0755 (Path.mkdir(parents=True) would make them 0777 & ~umask:
+    world-writable under umask 0, letting anyone swap our private directory out)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for each in reversed(missing):
+        try:
+            os.mkdir(each, 0o755)
+        except FileExistsError:
+            pass
+
+
 def ensure_private_dir(path: str | os.PathLike[str], *, mode: int = PRIVATE_DIR_MODE) -> Path:
     """Create `path` as a private directory (parents 0755 if missing), or check and tighten it."""
     target = Path(path)
     try:
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _make_parents(target.parent)
         os.mkdir(target, mode)
     except FileExistsError:
         pass

@@ -124,3 +124,23 @@ def find_ours(path: str | os.PathLike[str], expected: Sequence[str]) -> int | No
         )
         return None
     return pid
+
+
+def scan(expected: Sequence[str], *, exe_name: str) -> list[int]:
+    """Live processes whose executable is named `exe_name` and whose argv contains `expected`.
+
+    The fallback when a pidfile is gone: a process still serving our config must not be left
+    behind silently just because its pidfile was removed.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            exe = os.readlink(entry / "exe")
+        except OSError:
+            continue
+        if os.path.basename(exe) == exe_name and matches(pid, expected):
+            found.append(pid)
+    return found
