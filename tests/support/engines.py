@@ -19,7 +19,7 @@ import pytest
 
 from support import cli
 
-ENGINES = ["haproxy"]
+ENGINES = ["haproxy", "builtin"]
 
 
 def engine_param(engine: str) -> object:

@@ -20,9 +20,15 @@ CURL_TIMEOUT = 5.0
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.2) -> None:
     """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        try:
+            if predicate():
+                return
+            last = ""
+        except AssertionError as exc:  # e.g. the front is not in the status yet
+            last = f" (last: {exc})"
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{last}")
         time.sleep(step)
 
 

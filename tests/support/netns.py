@@ -107,6 +107,71 @@ def delete_pair(pair: Pair) -> None:
         ip("netns", "del", ns, check=False)
 
 
+def _batch(commands: list[str], *, namespace: str | None = None, force: bool = False) -> None:
+    """Run many `ip` commands in one process (`ip [-n NS] -batch -`)."""
+    argv = ["ip", *(["-n", namespace] if namespace else []), *(["-force"] if force else [])]
+    result = subprocess.run(
+        [*argv, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0 and not force:
+        raise RuntimeError(f"ip -batch failed: {result.stderr.strip()[:500]}")
+
+
+def create_pairs(count: int, inst_ip: str = "169.254.10.2") -> list[Pair]:
+    """`count` isolated pairs made with a few batched `ip` runs; the caller must `delete_pairs`.
+
+    Every pair uses the same addresses: each lives in its own namespaces, so they never meet.
+    """
+    s = suffix()
+    pairs = [
+        Pair(
+            net_ns=f"mp-net-{s}-{i}",
+            inst_ns=f"mp-inst-{s}-{i}",
+            net_if=f"mpn{s}{i:03d}",
+            inst_if=f"mpi{s}{i:03d}",
+            inst_ip=inst_ip,
+        )
+        for i in range(count)
+    ]
+    try:
+        global_cmds: list[str] = []
+        for p in pairs:
+            global_cmds += [
+                f"netns add {p.net_ns}",
+                f"netns add {p.inst_ns}",
+                f"link add {p.net_if} type veth peer name {p.inst_if}",
+                f"link set {p.net_if} netns {p.net_ns}",
+                f"link set {p.inst_if} netns {p.inst_ns}",
+            ]
+        _batch(global_cmds)
+        for p in pairs:
+            for ns, dev, address in (
+                (p.net_ns, p.net_if, p.net_ip),
+                (p.inst_ns, p.inst_if, p.inst_ip),
+            ):
+                _batch(
+                    ["link set lo up", f"addr add {address}/16 dev {dev}", f"link set {dev} up"],
+                    namespace=ns,
+                )
+    except BaseException:
+        delete_pairs(pairs)
+        raise
+    return pairs
+
+
+def delete_pairs(pairs: list[Pair]) -> None:
+    """Delete every namespace of `pairs` (one `ip -force -batch`; missing ones are fine)."""
+    _batch(
+        [f"netns del {ns}" for p in pairs for ns in (p.inst_ns, p.net_ns)],
+        force=True,
+    )
+
+
 @contextlib.contextmanager
 def netns_pair(tag: str | None = None, inst_ip: str = "169.254.10.2") -> Iterator[Pair]:
     pair = create_pair(tag, inst_ip)

@@ -32,6 +32,7 @@ class Recorder:
     requests: list[Recorded] = field(default_factory=list)
     status: int = 200
     body: bytes = b"recorded\n"
+    echo: str | None = None  # when set, answer with this request header's value instead of body
     _server: Any = None
     _thread: threading.Thread | None = None
 
@@ -53,12 +54,15 @@ class Recorder:
                         body,
                     )
                 )
+                answer = recorder.body
+                if recorder.echo is not None:
+                    answer = (self.headers.get(recorder.echo, "") + "\n").encode()
                 self.send_response(recorder.status)
                 self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(recorder.body)))
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(recorder.body)
+                    self.wfile.write(answer)
 
             do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = _handle
             do_PATCH = do_CONNECT = do_TRACE = _handle
@@ -74,7 +78,9 @@ class Recorder:
 
         self._server = Server(str(self.path), Handler)
         self.path.chmod(0o666)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

@@ -48,3 +48,11 @@ def test_control_characters_are_refused(value: str) -> None:
 )
 def test_map_status(status: int, expected: int) -> None:
     assert map_status(status) == expected
+
+
+def test_header_values_are_relayed_byte_for_byte() -> None:
+    # The protocol layer decodes raw bytes as latin-1; serialising must give the same bytes.
+    token = b"t\xe9\xff".decode("latin-1")
+    headers = upstream_headers([("X-aws-ec2-metadata-token", token)], MATCH, "x", Secret("k"))
+    data = serialize_request("GET", "/", b"h", headers, b"")
+    assert b"\r\nX-aws-ec2-metadata-token: t\xe9\xff\r\n" in data

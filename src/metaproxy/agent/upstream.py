@@ -201,10 +201,16 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 def serialize_request(
     method: str, target: str, host: bytes, headers: dict[str, str], body: bytes
 ) -> bytes:
-    """The request bytes; a control character in any value is refused (header injection)."""
+    """The request bytes; a control character in any value is refused (header injection).
+
+    Values are relayed byte for byte: the protocol layer decoded them as latin-1.
+    """
     lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + host]
     for name, value in headers.items():
-        raw = value.encode("utf-8", "surrogateescape")
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ClientProtocolError(f"header {name} is not latin-1") from None
         if _BAD_VALUE.search(raw):
             raise ClientProtocolError(f"control character in header {name}")
         lines.append(name.encode("latin-1") + b": " + raw)

@@ -132,6 +132,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="stop the front started with these identity/state flags and remove its files",
     )
 
+    builtin = parser.add_argument_group("builtin engine")
+    _flag(builtin, "log_file", metavar="PATH", type=Path, help="detached: append logs here")
+    _flag(
+        builtin,
+        "max_conn_per_source",
+        metavar="N",
+        type=int,
+        help="connections one instance address may hold (default 64; more get 429)",
+    )
+    _flag(
+        builtin,
+        "rate_limit_enabled",
+        action="store_const",
+        const=True,
+        help="refuse a source over the rate limits below with 429 (Neutron's option)",
+    )
+    _flag(builtin, "ip_versions", metavar="4,6", help="rate limit these IP versions (default 4)")
+    for name, what in (
+        ("base_window_duration", "seconds of the base window (default 10)"),
+        ("burst_window_duration", "seconds of the burst window (default 10)"),
+    ):
+        _flag(builtin, name, metavar="SECONDS", type=float, help=what)
+    for name, what in (
+        ("base_query_rate_limit", "requests allowed per base window (default 10)"),
+        ("burst_query_rate_limit", "requests allowed per burst window (default 10)"),
+    ):
+        _flag(builtin, name, metavar="N", type=int, help=what)
+
 
 def spec_from_args(args: argparse.Namespace) -> FrontSpec:
     """Build the FrontSpec from flags; a missing or doubled identity is a ConfigError (exit 2)."""

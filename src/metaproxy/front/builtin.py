@@ -1,0 +1,495 @@
+"""The builtin engine: one asyncio loop serving the fronts of every network on the host.
+
+`BuiltinFront` is what the host service and `ns-proxy --engine builtin` drive:
+
+    engine = BuiltinFront(EngineOptions(...))
+    await engine.add(spec)        # listens inside spec.netns; NamespaceError / ConfigError
+    engine.stats(spec.name)       # FrontStats: requests, errors, last_error, per status, ...
+    await engine.remove(spec.name)
+    await engine.close()
+
+A failure to add one front raises for that front only; the others keep serving. Each client
+connection is an `asyncio.Protocol` (`_Connection`): it frames heads itself, checks them with
+`http.wire`/`http.policy`, and hands one request at a time to the pooled agent client, so
+pipelined requests are answered in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+from metaproxy.config import FrontSpec
+from metaproxy.errors import ConfigError, UpstreamError
+from metaproxy.front.netns import ListenSpec, open_listener_async
+from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
+from metaproxy.http import policy, wire
+from metaproxy.http.client import UpstreamPool
+from metaproxy.http.policy import Refusal, UpstreamRequest
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("metaproxy.access")
+
+# Requests buffered ahead of the one being answered (pipelining) before we stop reading.
+_PIPELINE_BUFFER = 256 * 1024
+_LOG_PATH_MAX = 512
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Engine-wide knobs; per-network ones (timeouts, maxconn, body cap) live in FrontSpec."""
+
+    max_conn_per_source: int = 64
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    access_log: bool = True
+    freebind: bool = False
+    # On remove/close, requests in flight get this long to finish (then connections are cut).
+    drain_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_conn_per_source <= 1_000_000:
+            raise ConfigError(
+                "max_conn_per_source must be between 1 and 1000000", key="max_conn_per_source"
+            )
+
+
+@dataclass(slots=True)
+class FrontStats:
+    """Counters for status pages and metrics; `errors` counts upstream failures (5xx we made)."""
+
+    requests: int = 0
+    errors: int = 0
+    refused: int = 0
+    last_error: str | None = None
+    connections: int = 0
+    rejected_connections: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+class _Front:
+    """One network's listener, its connections and counters."""
+
+    def __init__(
+        self, spec: FrontSpec, pool: UpstreamPool, options: EngineOptions, limiter: RateLimiter
+    ) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.options = options
+        self.limiter = limiter
+        self.identity = spec.identity.as_headers()
+        self.label = f"{spec.identity.kind}={spec.identity.id}"
+        self.stats = FrontStats()
+        self.per_source: dict[str, int] = {}
+        self.connections: set[_Connection] = set()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        self.drained = asyncio.Event()
+
+    def count(self, status: int) -> None:
+        stats = self.stats
+        stats.requests += 1
+        stats.statuses[status] = stats.statuses.get(status, 0) + 1
+
+
+class _Connection(asyncio.Protocol):
+    """One instance connection: keep-alive, pipelining, timeouts, caps."""
+
+    def __init__(self, front: _Front) -> None:
+        self.front = front
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport
+        self.buf = bytearray()
+        self.scanned = 0
+        self.peer = ""
+        self.peer_bytes = b""
+        self.ip_version = 4
+        self.phase = "head"  # head | body | busy | idle | closed
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pending: tuple[UpstreamRequest, int] | None = None
+        self.writable = True
+        self.reading = True
+        self.counted = False
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        front = self.front
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else "unknown"
+        self.peer = host.split("%", 1)[0]
+        self.peer_bytes = self.peer.encode()
+        self.ip_version = 6 if ":" in self.peer else 4
+        stats = front.stats
+        held = front.per_source.get(self.peer, 0)
+        if len(front.connections) >= front.spec.maxconn:
+            self._reject(503, "network connection cap reached")
+            return
+        if held >= front.options.max_conn_per_source:
+            self._reject(429, "per-source connection cap reached")
+            return
+        front.per_source[self.peer] = held + 1
+        front.connections.add(self)
+        self.counted = True
+        stats.connections += 1
+        self._arm(front.spec.timeouts.http_request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == "closed":
+            return
+        self.buf += data
+        if self.phase == "idle":
+            self.phase = "head"
+            self._arm(self.front.spec.timeouts.http_request)
+        if self.phase == "busy" or not self.writable:
+            if len(self.buf) > _PIPELINE_BUFFER and self.reading:
+                self.reading = False
+                self.transport.pause_reading()
+            return
+        self._advance()
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client still gets the answers to what it already sent.
+        return self.phase == "busy" or None
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self.phase in ("head", "body") and self.buf:
+            self._advance()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = "closed"
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._release()
+
+    # -- framing -----------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Frame and dispatch the next request in the buffer, if it is complete."""
+        buf = self.buf
+        if self.pending is not None:
+            request, head_len = self.pending
+            if len(buf) < head_len + request.content_length:
+                return
+            self.pending = None
+            body = bytes(buf[head_len : head_len + request.content_length])
+            del buf[: head_len + request.content_length]
+            self._dispatch(request, body)
+            return
+        while buf.startswith(b"\r\n"):
+            # RFC 9112 §2.2: ignore empty lines before a request line.
+            del buf[:2]
+        end = buf.find(wire.HEAD_END, 0, policy.MAX_HEAD + 4)
+        if end < 0:
+            if len(buf) > policy.MAX_HEAD:
+                self._refuse(Refusal(431, "request head over 8 KiB"))
+            elif policy.has_bad_bytes(buf, max(self.scanned - 1, 0)):
+                self._refuse(Refusal(400, "bare CR/LF, control byte or obs-fold in head"))
+            else:
+                self.scanned = len(buf)
+            return
+        head_len = end + 4
+        self.scanned = 0
+        raw = bytes(buf[:head_len])
+        parsed = wire.parse_head(raw)
+        if isinstance(parsed, Refusal):
+            self._refuse(parsed, *wire.peek_request_line(raw))
+            return
+        method, target, version, headers = parsed
+        front = self.front
+        decision = policy.decide(
+            method,
+            target,
+            version,
+            headers,
+            identity=front.identity,
+            peer=self.peer_bytes,
+            max_body=front.spec.max_body,
+        )
+        if isinstance(decision, Refusal):
+            self._refuse(decision, method, target)
+            return
+        limiter = front.limiter
+        if limiter.applies_to(self.ip_version) and not limiter.allow(self.peer):
+            self._refuse(Refusal(429, "rate limit exceeded"), method, target)
+            return
+        if decision.content_length:
+            if len(buf) < head_len + decision.content_length:
+                self.pending = (decision, head_len)
+                self.phase = "body"
+                self._arm(front.spec.timeouts.client)
+                if decision.expect_continue and len(buf) == head_len:
+                    self.transport.write(wire.CONTINUE)
+                return
+            body = bytes(buf[head_len : head_len + decision.content_length])
+            del buf[: head_len + decision.content_length]
+        else:
+            body = b""
+            del buf[:head_len]
+        self._dispatch(decision, body)
+
+    def _dispatch(self, request: UpstreamRequest, body: bytes) -> None:
+        self.phase = "busy"
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.task = self.loop.create_task(self._serve(request, body))
+
+    async def _serve(self, request: UpstreamRequest, body: bytes) -> None:
+        started = time.monotonic()
+        front = self.front
+        head = request.method == b"HEAD"
+        close = not request.keep_alive
+        try:
+            response = await front.pool.request(wire.serialize_request(request, body), head=head)
+        except UpstreamError as exc:
+            status = exc.status_hint
+            front.stats.errors += 1
+            front.stats.last_error = str(exc)
+            log.warning("%s client=%s upstream failed: %s", front.label, self.peer, exc)
+            out = wire.error_response(status, close=close, head_only=head)
+        else:
+            status = response.status
+            out = wire.serialize_response(
+                status,
+                response.headers,
+                b"" if head else response.body,
+                close=close,
+                head_length=response.head_length if head else None,
+            )
+        if self.phase == "closed":
+            return
+        transport = self.transport
+        if front.draining and not close:
+            out = _with_close(out)
+            close = True
+        transport.write(out)
+        front.count(status)
+        if front.options.access_log:
+            self._log(request.method, request.target, status, len(out), started)
+        self.task = None
+        if close:
+            self._close()
+            return
+        self.phase = "idle"
+        self._arm(front.spec.timeouts.http_keep_alive)
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        if self.buf and self.writable:
+            self.phase = "head"
+            self._arm(front.spec.timeouts.http_request)
+            self._advance()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal, method: bytes = b"-", target: bytes = b"-") -> None:
+        """Answer a refusal ourselves and close: after a bad head, framing cannot be trusted."""
+        front = self.front
+        out = wire.error_response(refusal.status)
+        self.transport.write(out)
+        front.count(refusal.status)
+        front.stats.refused += 1
+        log.info(
+            "%s client=%s refused %d: %s", front.label, self.peer, refusal.status, refusal.reason
+        )
+        if front.options.access_log:
+            self._log(method, target, refusal.status, len(out), time.monotonic())
+        self._close()
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Turn a connection away before reading anything (connection caps)."""
+        front = self.front
+        front.stats.rejected_connections += 1
+        log.warning("%s client=%s connection rejected: %s", front.label, self.peer, reason)
+        self.transport.write(wire.error_response(status))
+        self._close()
+
+    def _arm(self, timeout: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.phase in ("head", "body"):
+            # haproxy's `timeout http-request`: a slow sender gets 408 and the connection ends.
+            self.transport.write(wire.error_response(408))
+            self.front.count(408)
+            log.info("%s client=%s request timed out", self.front.label, self.peer)
+        self._close()
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.phase != "closed":
+            self.phase = "closed"
+            self.transport.close()
+        self._release()
+
+    def _release(self) -> None:
+        if not self.counted:
+            return
+        self.counted = False
+        front = self.front
+        front.connections.discard(self)
+        if front.draining and not front.connections:
+            front.drained.set()
+        held = front.per_source.get(self.peer, 1) - 1
+        if held > 0:
+            front.per_source[self.peer] = held
+        else:
+            front.per_source.pop(self.peer, None)
+        front.stats.connections -= 1
+
+    def _log(self, method: bytes, target: bytes, status: int, size: int, started: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        access_log.info(
+            "%s client=%s method=%s path=%s status=%d bytes=%d duration_ms=%.1f",
+            self.front.label,
+            self.peer,
+            wire.printable(method[:_LOG_PATH_MAX]),
+            wire.printable(target[:_LOG_PATH_MAX]),
+            status,
+            size,
+            (time.monotonic() - started) * 1000,
+        )
+
+
+class BuiltinFront:
+    """Every builtin front of this process, served from the running loop (see module doc)."""
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self._fronts: dict[str, _Front] = {}
+        self._pools: dict[tuple[str, float, float], UpstreamPool] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._fronts)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fronts
+
+    def stats(self, name: str) -> FrontStats:
+        """The live counters of front `name` (KeyError if it is not served)."""
+        return self._fronts[name].stats
+
+    def sockname(self, name: str) -> tuple[str, int]:
+        """The address front `name` listens on (useful with port 0)."""
+        server = self._fronts[name].server
+        if server is None:
+            raise KeyError(name)
+        address = server.sockets[0].getsockname()
+        return str(address[0]), int(address[1])
+
+    async def add(self, spec: FrontSpec) -> None:
+        """Start serving `spec`; raises NamespaceError / ConfigError for this front only."""
+        if spec.name in self._fronts:
+            raise ConfigError(f"{spec.name} is already served", key="identity")
+        listen = ListenSpec(
+            address=spec.bind_address,
+            port=spec.port,
+            netns=spec.netns,
+            interface=spec.interface,
+            freebind=self.options.freebind,
+            backlog=min(spec.maxconn, 4096),
+        )
+        sock = await open_listener_async(listen)
+        front = _Front(spec, self._pool(spec), self.options, RateLimiter(self.options.rate_limit))
+        try:
+            # create_server(sock=...) calls listen() again, with 100 unless told: a boot storm
+            # of a few hundred instances would then lose SYNs and wait 1 s, 3 s, 7 s.
+            front.server = await asyncio.get_running_loop().create_server(
+                lambda: _Connection(front), sock=sock, backlog=listen.backlog
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._fronts[spec.name] = front
+        where = f" in {spec.netns}" if spec.netns else ""
+        log.info("serving %s on %s port %d%s", spec.name, spec.bind_address, spec.port, where)
+
+    async def remove(self, name: str, *, drain: float | None = None) -> None:
+        """Stop serving `name` (KeyError if unknown): stop accepting, let requests in flight
+        finish for `drain` s (default `drain_timeout`; answered with Connection: close), then
+        cut the rest."""
+        front = self._fronts.pop(name)
+        limit = self.options.drain_timeout if drain is None else drain
+        front.draining = True
+        if front.server is not None:
+            front.server.close()
+        for conn in list(front.connections):
+            if conn.phase == "idle" or (conn.phase == "head" and not conn.buf):
+                conn._close()
+        if front.connections and limit > 0:
+            try:
+                async with asyncio.timeout(limit):
+                    await front.drained.wait()
+            except TimeoutError:
+                log.warning(
+                    "%s: cutting %d connections after the drain", name, len(front.connections)
+                )
+        for conn in list(front.connections):
+            conn._close()
+        if front.server is not None:
+            await front.server.wait_closed()
+        log.info("stopped serving %s", name)
+
+    async def close(self, *, drain: float | None = None) -> None:
+        """Remove every front (draining them together) and close the upstream pools."""
+        await asyncio.gather(*(self.remove(name, drain=drain) for name in list(self._fronts)))
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    def _pool(self, spec: FrontSpec) -> UpstreamPool:
+        key = (str(spec.upstream_socket), spec.timeouts.connect, spec.timeouts.server)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = UpstreamPool(key[0], connect_timeout=key[1], server_timeout=key[2])
+            self._pools[key] = pool
+        return pool
+
+
+def _with_close(response: bytes) -> bytes:
+    """Add `Connection: close` to a serialized keep-alive response (draining)."""
+    end = response.index(wire.HEAD_END)
+    return response[:end] + b"\r\nConnection: close" + response[end:]
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (much faster here), the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
+    """`metaproxy ns-proxy --engine builtin` (see `metaproxy.front.process`)."""
+    from metaproxy.front import process
+
+    return process.run_ns_proxy(spec, args)
+
+
+def destroy_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
+    """`metaproxy ns-proxy --engine builtin --destroy`."""
+    from metaproxy.front import process
+
+    return process.destroy_ns_proxy(spec, args)
