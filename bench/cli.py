@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="short runs (1 round, 2 s, smaller sizes)"
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 1)")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 8, quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 6, quick 2)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         quick=args.quick,
         rounds=args.rounds or (1 if args.quick else 5),
-        duration=args.duration or (2.0 if args.quick else 8.0),
+        duration=args.duration or (2.0 if args.quick else 6.0),
         log_level=args.log_level,
         verbose=args.verbose,
         profile=args.profile.absolute() if args.profile else None,

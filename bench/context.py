@@ -16,7 +16,7 @@ from bench.procs import BenchError, Child
 class Options:
     quick: bool = False
     rounds: int = 5
-    duration: float = 8.0
+    duration: float = 6.0
     log_level: str = "WARNING"
     verbose: bool = False
     profile: Path | None = None  # where to keep py-spy's raw profile of the builtin front

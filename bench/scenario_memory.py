@@ -117,8 +117,12 @@ def haproxy_levels(ctx: Context, ns: Namespaces, upstream: Path, levels: list[in
     out: list[Level] = []
     count = 0
     for level in levels:
-        with ThreadPoolExecutor(4) as pool:
+        pool = ThreadPoolExecutor(4)
+        try:
             list(pool.map(start, range(count, level)))
+        finally:
+            # On an interrupt, start nothing more: queued starts are dropped, not run.
+            pool.shutdown(wait=True, cancel_futures=True)
         count = level
         time.sleep(1.0)
         pids = [_pid(ctx.workdir / "hstate" / f"net-{i}.pid") for i in range(count)]

@@ -109,9 +109,10 @@ def running_front(
     timeouts: dict[str, float] | None = None,
     extra: tuple[str, ...] = (),
     port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[Front]:
-    """Start one front on 127.0.0.1:<free port> relaying to the Unix socket `upstream`."""
-    port = port or free_port()
+    """Start one front on <host>:<free port> relaying to the Unix socket `upstream`."""
+    port = port or free_port(host)
     kind, ident = ("router", ROUTER_ID) if router else ("network", NETWORK_ID)
     argv = [
         "ns-proxy",
@@ -121,7 +122,7 @@ def running_front(
         f"--{kind}_id",
         ident,
         "--bind_address",
-        "127.0.0.1",
+        host,
         "--metadata_port",
         str(port),
         "--metadata_proxy_socket",
@@ -141,7 +142,7 @@ def running_front(
             *argv, stdout=log_file, stderr=subprocess.STDOUT, env=cli.env(PYTHONUNBUFFERED="1")
         )
     header = "X-Neutron-Router-ID" if router else "X-Neutron-Network-ID"
-    front = Front(engine, ("127.0.0.1", port), proc, log_path, header, ident)
+    front = Front(engine, (host, port), proc, log_path, header, ident)
     try:
         _wait_listening(front, timeout=30)
         yield front

@@ -66,18 +66,25 @@ def sweep(
 
     def work(share: list[int]) -> None:
         conn: socket.socket | None = None
-        for offset in share:
-            if conn is None:
-                conn = socket.create_connection(addr, timeout=timeout)
-            ex = exchange(addr, padded_request(offset), timeout=timeout, sock=conn)
-            status = ex.statuses[0] if ex.statuses else 0
-            with lock:
-                statuses[offset] = status
-            if status != 200 or ex.closed or not reuse:
+        try:
+            for offset in share:
+                status = 0
+                try:
+                    if conn is None:
+                        conn = socket.create_connection(addr, timeout=timeout)
+                    ex = exchange(addr, padded_request(offset), timeout=timeout, sock=conn)
+                    status = ex.statuses[0] if ex.statuses else 0
+                    again = status == 200 and not ex.closed and reuse
+                except OSError:
+                    again = False
+                with lock:
+                    statuses[offset] = status
+                if not again and conn is not None:
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
                 conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
 
     threads = [threading.Thread(target=work, args=(todo[i::workers],)) for i in range(workers)]
     for t in threads:

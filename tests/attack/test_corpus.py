@@ -56,3 +56,28 @@ def test_forgery_through_router_front(
         router_front.addr, raw_backend, case, truth, f"{router_front.engine} front (router)"
     )
     assert verdict.ok, f"{case.name} [{verdict.outcome}]: {verdict.problems}"
+
+
+@pytest.fixture(scope="module", params=fronts.engine_params())
+def v6_front(
+    request: pytest.FixtureRequest, raw_backend: RawBackend, attack_tmp: Path
+) -> Iterator[fronts.Front]:
+    """The fronts on IPv6 loopback: X-Forwarded-For must be the v6 peer, exactly."""
+    engine: str = request.param
+    with fronts.running_front(
+        engine,
+        raw_backend.path,
+        attack_tmp / f"v6-{engine}",
+        host="::1",
+        timeouts={"http_request": 2, "http_keep_alive": 2, "client": 5, "server": 5, "connect": 2},
+    ) as running:
+        yield running
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CORPUS if c.cls == "forgery"])
+def test_forgery_through_ipv6_front(
+    v6_front: fronts.Front, raw_backend: RawBackend, case: Case
+) -> None:
+    truth = Truth(v6_front.identity_header, v6_front.identity, "::1")
+    verdict = check_case(v6_front.addr, raw_backend, case, truth, f"{v6_front.engine} front (IPv6)")
+    assert verdict.ok, f"{case.name} [{verdict.outcome}]: {verdict.problems}"

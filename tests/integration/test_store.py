@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import sqlite3
 import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -248,11 +249,13 @@ def test_data_version_moves_on_any_commit(store: SqliteStore) -> None:
 
 # -- two processes at once ------------------------------------------------------------------------
 
-ROUNDS = 60
+ROUNDS = 150
 
 
-def _writer(path: str) -> None:
+def _writer(path: str, start: Any, done: Any) -> None:
+    """Adds instances (one transaction each: the instance and its 3 ports), removes half."""
     s = SqliteStore(path)
+    start.wait(30)
     for n in range(ROUNDS):
         uid = str(uuid.UUID(int=n + 1000))
         s.import_inventory(
@@ -274,46 +277,61 @@ def _writer(path: str) -> None:
         )
         if n % 2:
             s.remove_instance(uid, with_ports=True)
+    done.set()
     s.close()
 
 
-def _reader(path: str, errors: Any) -> None:
+def _reader(path: str, start: Any, done: Any, results: Any) -> None:
+    """Reads whole instances (and writes too: networks) until the writer is done."""
     s = SqliteStore(path)
+    reads = overlapping = 0
     try:
-        for _ in range(ROUNDS * 3):
+        start.wait(30)
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
             for inst in s.instances():
                 view = s.instance_view(inst.uuid)
                 # A view is all or nothing: writer instances always have exactly 3 ports.
-                if view is not None and inst.project_id == "pw" and len(view.ports) != 3:
-                    errors.put(f"half an instance: {inst.uuid} with {len(view.ports)} ports")
+                if view is not None and inst.project_id == "pw":
+                    overlapping += 1
+                    if len(view.ports) != 3:
+                        results.put(f"half an instance: {inst.uuid}, {len(view.ports)} ports")
+                reads += 1
             s.ports_by_ip(["net3"], "169.254.0.1")
+            s.add_network(model.Network(f"rnet{reads}"))
+            s.remove_network(f"rnet{reads}")
     except Exception as exc:
-        errors.put(repr(exc))
+        results.put(repr(exc))
+    results.put(("reads", reads, overlapping))
     s.close()
 
 
 @pytest.mark.timeout(90)
 def test_two_processes_write_and_read_at_once(store: SqliteStore) -> None:
     ctx = multiprocessing.get_context("spawn")
-    errors = ctx.Queue()
+    results, start, done = ctx.Queue(), ctx.Event(), ctx.Event()
     path = str(store.path)
     procs = [
-        ctx.Process(target=_writer, args=(path,)),
-        ctx.Process(target=_reader, args=(path, errors)),
+        ctx.Process(target=_writer, args=(path, start, done)),
+        ctx.Process(target=_reader, args=(path, start, done, results)),
     ]
     for p in procs:
         p.start()
+    start.set()  # both are spawned: go at once
+    found = [results.get(timeout=80)]
+    while found[-1][0] != "reads":
+        found.append(results.get(timeout=80))
     for p in procs:
-        p.join(timeout=80)
+        p.join(timeout=30)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
     assert not alive, "a process hung"
     assert [p.exitcode for p in procs] == [0, 0]
-    found = []
-    while not errors.empty():
-        found.append(errors.get(timeout=1))
-    assert found == []
+    *errors, (_, reads, overlapping) = found
+    assert errors == []
+    # They really ran at the same time: the reader saw the writer's instances come and go.
+    assert overlapping > 0 and reads > 0
     assert len([i for i in store.instances() if i.project_id == "pw"]) == ROUNDS // 2
     assert os.path.exists(path)
 

@@ -7,13 +7,23 @@ what an agent would receive. Engine-specific checks live elsewhere (test_haproxy
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from support import netns
-from support.engines import ENGINE_PARAMS, Front, exchange, running_front, status_of
+from support import cli, netns
+from support.engines import (
+    ENGINE_PARAMS,
+    Front,
+    exchange,
+    free_port,
+    ns_proxy_args,
+    running_front,
+    status_of,
+)
 from support.recorder import Recorder
 
 pytestmark = pytest.mark.timeout(180)
@@ -273,3 +283,30 @@ def test_ipv6_link_local_front_in_a_namespace(
     assert seen.values("X-Neutron-Network-ID") == ["net-1"]
     [xff] = seen.values("X-Forwarded-For")
     assert xff.startswith("fe80::"), xff
+
+
+def test_foreground_serves_until_sigterm_then_removes_its_pidfile(
+    engine: str, short_tmp: Path, recorder: Recorder
+) -> None:
+    """The ns-proxy process model: --foreground stays attached and cleans up on SIGTERM."""
+    port = free_port()
+    args = ns_proxy_args(engine, short_tmp / "state", recorder.path, port=port)
+    pid_file = short_tmp / "state" / "front.pid"
+    proc = cli.popen(*args, "--foreground")
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)
+            assert time.monotonic() < deadline, "never wrote its pidfile"
+            time.sleep(0.05)
+        raw = b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
+        assert status_of(exchange("127.0.0.1", port, raw)) == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not pid_file.exists()
+        with pytest.raises(OSError):
+            exchange("127.0.0.1", port, raw, timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
