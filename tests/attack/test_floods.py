@@ -61,21 +61,26 @@ def victim_latencies(front: fronts.Front, source: str, n: int = 5) -> list[float
 
 @contextlib.contextmanager
 def connections(front: fronts.Front, source: str, count: int, first: bytes) -> Iterator[int]:
-    """Open up to `count` connections from `source`, each sending `first`; yield how many."""
+    """Try `count` connections from `source`, each sending `first`; yield how many were tried.
+
+    A front may close the ones over its per-source cap at accept: the attempt still counts (the
+    attacker made it), and the loop goes on until `count` attempts or 15 seconds.
+    """
     socks: list[socket.socket] = []
+    tried = 0
+    deadline = time.monotonic() + 15
     try:
-        for _ in range(count):
+        while tried < count and time.monotonic() < deadline:
+            tried += 1
             try:
-                s = socket.create_connection(front.addr, timeout=2, source_address=(source, 0))
+                s = socket.create_connection(front.addr, timeout=0.5, source_address=(source, 0))
             except OSError:
-                break
+                continue
             socks.append(s)  # closed below even when the send fails (else a ResourceWarning)
-            try:
+            with contextlib.suppress(OSError):
                 if first:
                     s.sendall(first)
-            except OSError:
-                break
-        yield len(socks)
+        yield tried
     finally:
         for s in socks:
             s.close()
