@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from support import cli
 from support.rawhttp import free_port
@@ -124,3 +127,29 @@ def test_pidfile_of_a_stranger_is_never_signalled(recorder: Recorder, short_tmp:
     finally:
         os.kill(stranger.pid, signal.SIGKILL)
         stranger.wait(timeout=10)
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    gid = next(line for line in status.splitlines() if line.startswith("Gid:"))
+    return int(uid.split()[1]), int(gid.split()[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root (CI runs as root)")
+def test_detached_front_drops_to_the_configured_user(recorder: Recorder, short_tmp: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    short_tmp.chmod(0o711)  # let the unprivileged front reach the agent socket
+    state = short_tmp / "state"
+    port = free_port()
+    user = ("--metadata_proxy_user", "nobody", "--metadata_proxy_group", str(nobody.pw_gid))
+    started = cli.run(*_flags(recorder, state, port, *user))
+    assert started.returncode == 0, started.stderr
+    pid = int((state / "network-net-cli.pid").read_text())
+    try:
+        assert _ids(pid) == (nobody.pw_uid, nobody.pw_gid)
+        assert _get(port)[0] == 200
+    finally:
+        destroyed = cli.run(*_flags(recorder, state, port, "--destroy"))
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert not (state / "network-net-cli.pid").exists()

@@ -159,3 +159,29 @@ async def test_a_second_service_on_the_same_state_is_refused(
     other = Host(host.cfg, engine_factory=lambda _: FakeEngine())
     with pytest.raises(ConfigError, match="already running"):
         await other.run(asyncio.Event())
+
+
+async def test_a_store_error_keeps_the_fronts_serving(
+    running: tuple[Host, FakeEngine, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from metaproxy.errors import StoreError
+
+    host, engine, _ = running
+    real = host.roles.store_fronts
+    failures = []
+
+    def broken() -> list[tuple[str, str]]:
+        failures.append(1)
+        raise StoreError("database is locked")
+
+    host.roles.store_fronts = broken  # type: ignore[method-assign]
+    await _until(lambda: len(failures) >= 2)
+    assert "reconciling the fronts failed" in caplog.text
+    assert set(engine.running) == {"network-declared"}
+    host.roles.store_fronts = real  # type: ignore[method-assign]
+    store = open_configured_store(host.cfg)
+    try:
+        store.add_network(model.network_from_mapping({"id": "after"}))
+    finally:
+        store.close()
+    await _until(lambda: "network-after" in engine.running)

@@ -28,6 +28,8 @@ class FakeEngine:
         self.calls.append(("start", spec.name))
         if spec.name in self.fail:
             raise NamespaceError(f"cannot enter {spec.netns}", netns=spec.netns)
+        if spec.name == "network-buggy":
+            raise OSError(98, "Address already in use")
         self.running.add(spec.name)
 
     async def stop(self, name: str) -> None:
@@ -82,6 +84,10 @@ async def test_a_failing_front_is_reported_and_retried_without_touching_others(
     engine = FakeEngine()
     engine.fail.add("network-bad")
     fs = FrontSet(engine)
+    await fs.reconcile(_desired(_net("good"), _net("bad"), _net("buggy")))
+    status = {r["name"]: r for r in fs.status()}
+    assert status["network-buggy"]["state"] == "failed"
+    assert "Address already in use" in status["network-buggy"]["last_error"]
     await fs.reconcile(_desired(_net("good"), _net("bad")))
     status = {r["name"]: r for r in fs.status()}
     assert status["network-good"]["state"] == "running"

@@ -121,6 +121,11 @@ class FrontSet:
             front.state, front.last_error = "failed", str(exc)
             log.error("front %s failed to start: %s", front.entry.name, exc)
             return
+        except Exception as exc:
+            # An engine bug for one network must not stop the manager serving the others.
+            front.state, front.last_error = "failed", f"unexpected error: {exc!r}"
+            log.exception("front %s failed to start", front.entry.name)
+            return
         front.state, front.last_error, front.inode = "running", "", inode
         log.info(
             "front %s serving %s:%d%s (%s engine)",

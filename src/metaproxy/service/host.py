@@ -36,7 +36,7 @@ from typing import Any
 
 from metaproxy import __version__
 from metaproxy.config import FrontSpec
-from metaproxy.errors import ConfigError
+from metaproxy.errors import ConfigError, MetaproxyError
 from metaproxy.security import files
 from metaproxy.service import settings
 from metaproxy.service.control import ControlServer, claim_socket_path
@@ -126,9 +126,14 @@ class Host:
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_config()
-            if self.fronts is not None:
-                await self.fronts.check_namespaces()
-            await self._reconcile()
+            try:
+                if self.fronts is not None:
+                    await self.fronts.check_namespaces()
+                await self._reconcile()
+            except MetaproxyError as exc:
+                # A store that cannot be read right now (locked, being migrated) must not take
+                # down the fronts that serve: keep them as they are and try again next pass.
+                log.error("reconciling the fronts failed; keeping them as they are: %s", exc)
 
     async def _shutdown(self) -> None:
         for server in (self.control, self.metrics):
