@@ -310,3 +310,21 @@ def test_foreground_serves_until_sigterm_then_removes_its_pidfile(
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(("X-Pad: " + "a" * 9000,), id="head-over-8k"),
+        pytest.param(tuple(f"X-Field-{i}: 1" for i in range(70)), id="70-fields"),
+    ],
+)
+def test_oversized_head_is_431(front: Front, recorder: Recorder, headers: tuple[str, ...]) -> None:
+    assert status_of(_get(front, "/", *headers)) == 431
+    assert recorder.requests == []
+
+
+def test_head_just_under_the_limits_passes(front: Front, recorder: Recorder) -> None:
+    headers = ("X-Pad: " + "a" * 6000, *(f"X-Field-{i}: 1" for i in range(50)))
+    assert status_of(_get(front, "/", *headers)) == 200
+    assert len(recorder.requests) == 1

@@ -98,8 +98,9 @@ def test_rendered_rules_refuse_before_they_rewrite() -> None:
     spec, settings = CASES["network-default"]
     lines = [ln.strip() for ln in render_config(spec, settings).splitlines()]
     rules = [ln for ln in lines if ln.startswith("http-request")]
-    kinds = [r.split()[1] for r in rules]
-    assert kinds == sorted(kinds, key=["deny", "del-header", "set-header"].index)
+    phase = {"deny": 0, "set-var": 0, "return": 0, "del-header": 1, "set-header": 2}
+    phases = [phase[r.split()[1].split("(")[0]] for r in rules]
+    assert phases == sorted(phases)
     assert rules[-1] == "http-request set-header X-Forwarded-For %[src]"
 
 

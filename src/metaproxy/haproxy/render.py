@@ -9,10 +9,11 @@ socket). What this one adds, in rule order (haproxy runs `http-request` rules to
 0. No h2c by prior knowledge, and at most PER_SOURCE_CONNECTIONS concurrent connections per
    client address (an idle-connection flood from one guest must not take the others' slots).
 1. only GET/HEAD/POST/PUT (405); origin-form targets only (absolute-form, authority-form and
-   `*` → 400); Upgrade refused (400, no tunnel to the agent); header names with an underscore
-   refused (400: `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron
-   LP #1865036); Content-Length over the body limit (413); chunked bodies refused (400: the
-   agent needs a known length, and a stream could outrun the limit).
+   `*` → 400); a head over 8 KiB or with over 64 fields (431, as the builtin engine); Upgrade
+   refused (400, no tunnel to the agent); header names with an underscore refused (400:
+   `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron LP #1865036);
+   Content-Length over the body limit (413); chunked bodies refused (400: the agent needs a
+   known length, and a stream could outrun the limit).
 2. IMDSv2's rule: `PUT /latest/api/token` carrying a client X-Forwarded-For → 403, checked
    before the client's X-Forwarded-For is thrown away. Applied to every PUT (PUT exists only
    for the token, and the metadata server may route other spellings of its path there).
@@ -50,6 +51,8 @@ IDENTITY_HEADER_PATTERN = (
     r"|x-forwarded-for|forwarded|x-real-ip)$"
 )
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT")
+MAX_HEAD = 8192
+MAX_FIELDS = 64
 # Concurrent connections one client address may hold (a guest's cloud-init uses a handful).
 PER_SOURCE_CONNECTIONS = 64
 
@@ -126,6 +129,11 @@ def _frontend(spec: FrontSpec) -> list[str]:
         f"{deny} 405 unless {{ method {' '.join(ALLOWED_METHODS)} }}",
         # Origin-form of visible ASCII only: no absolute/authority form, `*`, or control bytes.
         f"{deny} 400 unless {{ url -m reg ^/[!-~]*$ }}",
+        # The builtin engine's head limits (http/policy.py): 8 KiB of head, 64 fields → 431.
+        "    http-request set-var(txn.head_len) req.hdrs,length",
+        f"    http-request return status 431 content-type text/plain "
+        f'string "Request header fields too large" if '
+        f"{{ url,length,add(txn.head_len) gt {MAX_HEAD} }} || {{ req.hdr_cnt gt {MAX_FIELDS} }}",
         f"{deny} 400 if {{ req.hdr(upgrade) -m found }}",
         f"{deny} 400 if {{ req.hdr_names -m sub _ }}",
         f"{deny} 413 if {{ req.hdr_val(content-length) gt {spec.max_body} }}",
