@@ -109,6 +109,7 @@ class _Connection(asyncio.Protocol):
         self.ip_version = 4
         self.phase = "head"  # head | body | busy | idle | closed
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
         self.task: asyncio.Task[None] | None = None
         self.pending: tuple[UpstreamRequest, int] | None = None
         self.writable = True
@@ -241,10 +242,8 @@ class _Connection(asyncio.Protocol):
         self._dispatch(decision, body)
 
     def _dispatch(self, request: UpstreamRequest, body: bytes) -> None:
+        # The timer stays: `_expire` ignores a busy connection (the upstream has its own).
         self.phase = "busy"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.task = self.loop.create_task(self._serve(request, body))
 
     async def _serve(self, request: UpstreamRequest, body: bytes) -> None:
@@ -318,12 +317,26 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     def _arm(self, timeout: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(timeout, self._expire)
+        """Move the deadline; the one timer is only replaced when it would fire too late.
+
+        Keep-alive requests move the deadline forward every time: a float store instead of a
+        cancelled and a new TimerHandle per request.
+        """
+        self.deadline = deadline = self.loop.time() + timeout
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
         self.timer = None
+        if self.phase == "busy":
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+            return
         if self.phase in ("head", "body"):
             # haproxy's `timeout http-request`: a slow sender gets 408 and the connection ends.
             self.transport.write(wire.error_response(408))

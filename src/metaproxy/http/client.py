@@ -148,6 +148,10 @@ class _Connection(asyncio.Protocol):
             else:
                 waiter.set_exception(error)
 
+    def expire(self) -> None:
+        """The server timeout passed: 504 for the waiting request, and this connection ends."""
+        self._fail(UpstreamError("agent did not answer in time", status_hint=504))
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -212,11 +216,12 @@ class UpstreamPool:
             if conn.transport is None or conn.closed:
                 raise UpstreamError("agent connection closed", status_hint=502)
             conn.transport.write(data)
+            # A bare TimerHandle: cheaper than asyncio.timeout() on every request.
+            timer = asyncio.get_running_loop().call_later(limit, conn.expire)
             try:
-                async with asyncio.timeout(limit):
-                    await waiter
-            except TimeoutError:
-                raise UpstreamError("agent did not answer in time", status_hint=504) from None
+                await waiter
+            finally:
+                timer.cancel()
             ok = True
         finally:
             self._busy.discard(conn)
