@@ -166,17 +166,21 @@ def test_symlink_planted_at_the_pidfile(detached: Detached, victim: Path) -> Non
     assert destroyed.returncode in (0, 1)
 
 
-def test_symlink_planted_at_the_haproxy_config(detached: Detached, victim: Path) -> None:
-    if detached.engine != "haproxy":
-        pytest.skip("only the haproxy engine writes a config file")
+HAPROXY_ONLY = [p for p in fronts.engine_params() if getattr(p, "id", "") == "haproxy"]
+
+
+# Only the haproxy engine writes a config file and a stats socket.
+@pytest.mark.parametrize("detached", HAPROXY_ONLY, indirect=True)
+@pytest.mark.parametrize("suffix", [".conf", ".sock"], ids=["config", "stats-socket"])
+def test_symlink_planted_at_a_haproxy_file(detached: Detached, victim: Path, suffix: str) -> None:
     conf_dir = detached.state / "haproxy"
     conf_dir.mkdir(mode=0o700, parents=True)
-    (conf_dir / f"network-{fronts.NETWORK_ID}.conf").symlink_to(victim)
+    (conf_dir / f"network-{fronts.NETWORK_ID}{suffix}").symlink_to(victim)
     started = detached.start()
     serving = started.returncode == 0 and detached.serves()
     detached.destroy()
     ok = untouched(victim) and serving
-    _record(detached.engine, "symlink at the config", ok, started.stderr[-200:])
+    _record(detached.engine, f"symlink at the {suffix} file", ok, started.stderr[-200:])
     assert untouched(victim)
     assert serving, started.stderr
 
