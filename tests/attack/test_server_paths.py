@@ -8,6 +8,7 @@ lookup. The IMDSv2 relay rule holds for every spelling the server routes to the 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -16,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attack import fronts, tally
 from attack.client import Exchange, exchange
 from attack.corpus import CORPUS, FORGED_IP, req
+from attack.strategies import NASTY_BYTES
 from metaproxy.config import Secret
 from metaproxy.metadata.model import Instance, Network, Port
 from metaproxy.metadata.store import SqliteStore
@@ -175,11 +179,11 @@ def signed(target: str, *extra: bytes, method: bytes = b"GET") -> bytes:
     )
 
 
-def at_server(stack: Stack, raw: bytes) -> Exchange:
+def at_server(stack: Stack, raw: bytes, timeout: float = 10.0) -> Exchange:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(stack.server_socket))
-        return exchange(("", 0), raw, sock=s, timeout=10)
+        return exchange(("", 0), raw, sock=s, timeout=timeout)
 
 
 def leaked(ex: Exchange) -> list[str]:
@@ -269,3 +273,57 @@ def test_token_relay_rule_end_to_end(md_front: fronts.Front, target: str) -> Non
     clean = exchange(md_front.addr, req(target, ttl, method=b"PUT"), timeout=10)
     if target == "/latest/api/token":
         assert clean.statuses == [200], clean.statuses  # the rule is not a blanket refusal
+
+
+@st.composite
+def _signed_mutations(draw: st.DrawFn) -> bytes:
+    """A correctly signed request for A with a hostile target, then byte-level mutations."""
+    target = draw(
+        st.sampled_from(TRAVERSALS + TOKEN_SPELLINGS)
+        | st.binary(max_size=60).map(lambda b: "/" + b.decode("latin-1"))
+    )
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT"]))
+    data = bytearray(signed(target, method=method))
+    for _ in range(draw(st.integers(0, 3))):
+        pos = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["insert", "delete", "dup"]))
+        if op == "insert":
+            data[pos:pos] = draw(st.sampled_from(NASTY_BYTES) | st.binary(min_size=1, max_size=3))
+        elif op == "delete":
+            del data[pos : pos + draw(st.integers(1, 4))]
+        else:
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 30))]
+    return bytes(data)
+
+
+def test_fuzz_the_server_shell(stack: Stack) -> None:
+    """Signed-but-hostile requests at the server's own HTTP shell: no 5xx, no leak, no crash."""
+    tried = [0]
+
+    @settings(
+        max_examples=int(os.environ.get("METAPROXY_ATTACK_SERVER_EXAMPLES", "200")),
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(_signed_mutations())
+    def prop(raw: bytes) -> None:
+        tried[0] += 1
+        ex = at_server(stack, raw, timeout=0.3)
+        problems = leaked(ex) + [f"status {s}" for s in ex.statuses if s >= 500]
+        assert not problems, (raw[:200], ex.statuses, problems)
+
+    try:
+        prop()
+    except AssertionError as exc:
+        tally.record(
+            "fuzz: metadata server",
+            "metadata server",
+            tried=tried[0],
+            through=1,
+            example=str(exc)[:300],
+        )
+        raise
+    tally.record("fuzz: metadata server", "metadata server", tried=tried[0])
+    assert all(p.poll() is None for p in stack.procs), stack.logs[0].read_text()[-2000:]
+    assert at_server(stack, signed("/openstack/latest/meta_data.json")).statuses == [200]

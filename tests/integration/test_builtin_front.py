@@ -479,3 +479,40 @@ async def test_remove_drains_requests_in_flight(short_tmp: Path) -> None:
         writer.close()
         idle_writer.close()
         await engine.close()
+
+
+async def test_half_closed_client_gets_its_answers_then_eof(
+    served: FrontSpec, recorder: Recorder
+) -> None:
+    reader, writer = await asyncio.open_connection(HOST, served.port)
+    try:
+        writer.write(head("Host: a", request_line="GET /a HTTP/1.1"))
+        writer.write(head("Host: a", request_line="GET /b HTTP/1.1"))
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            data = await reader.read(-1)
+    finally:
+        writer.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    assert [r.target for r in recorder.requests] == ["/a", "/b"]
+
+
+async def test_pipelined_flood_resumes_after_the_client_reads(
+    served: FrontSpec, recorder: Recorder
+) -> None:
+    """Hundreds of pipelined requests, read only later: every one is answered, in order."""
+    count = 400
+    reader, writer = await asyncio.open_connection(HOST, served.port)
+    try:
+        raw = b"".join(
+            head("Host: a", "X-Pad: " + "p" * 2000, request_line=f"GET /{i} HTTP/1.1")
+            for i in range(count)
+        )
+        writer.write(raw)
+        await asyncio.sleep(1.0)
+        async with asyncio.timeout(60):
+            for _ in range(count):
+                assert status_of(await read_response(reader)) == 200
+    finally:
+        writer.close()
+    assert [r.target for r in recorder.requests] == [f"/{i}" for i in range(count)]

@@ -135,3 +135,14 @@ async def test_metrics_over_tcp_and_unix(short_tmp: Path) -> None:
         await tcp.close()
         await unix.close()
     assert not unix_path.exists()
+
+
+async def test_metrics_address_in_use_is_a_config_error() -> None:
+    first = MetricsServer(MetricsEndpoint(host="127.0.0.1", port=0), _collect)
+    await first.start()
+    try:
+        second = MetricsServer(MetricsEndpoint(host="127.0.0.1", port=first.port), _collect)
+        with pytest.raises(ConfigError, match=r"service\.metrics: cannot listen on 127\.0\.0\.1:"):
+            await second.start()
+    finally:
+        await first.close()

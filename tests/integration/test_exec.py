@@ -74,6 +74,7 @@ def test_symlink_inside_allow_list_validates(trusted_base: Path) -> None:
         pytest.param("world-writable-parent", "writable by group or others", id="o+w-parent"),
         pytest.param("foreign-parent", "owned by uid 65534, not root", id="foreign-parent"),
         pytest.param("symlink-outside", "outside the allow-listed directories", id="symlink-out"),
+        pytest.param("link-via-open-dir", "writable by group or others", id="link-via-open-dir"),
         pytest.param("not-in-allow-list", "not on the allow-list", id="not-allowed"),
         pytest.param("directory", "is not a regular file", id="directory"),
         pytest.param("not-executable", "is not executable", id="not-executable"),
@@ -102,6 +103,16 @@ def test_untrusted_binary_is_refused(trusted_base: Path, setup: str, reason: str
         outside = _install(trusted_base / "outside")
         binary.unlink()
         binary.symlink_to(outside)
+    elif setup == "link-via-open-dir":
+        # bin/haproxy → open/hop → real/haproxy: both ends trusted, but anyone can retarget hop.
+        real = _install(trusted_base / "real")
+        hop_dir = trusted_base / "open"
+        hop_dir.mkdir()
+        hop_dir.chmod(0o777)
+        (hop_dir / "hop").symlink_to(real)
+        binary.unlink()
+        binary.symlink_to(hop_dir / "hop")
+        allowed = [bindir, trusted_base / "real"]
     elif setup == "not-in-allow-list":
         allowed = [trusted_base / "elsewhere"]
     elif setup == "directory":

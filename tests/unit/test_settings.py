@@ -120,6 +120,9 @@ def test_environment_overrides_the_file() -> None:
             id="nova-needs-secret",
         ),
         pytest.param({"front": {"port": 0}}, "front.port", id="front-port"),
+        pytest.param(
+            {"service": {"state_path": "/" + "d" * 100}}, "service.state_path", id="long-state"
+        ),
         pytest.param({"front": {"user": "no-such-user-xyz"}}, "front.user", id="front-user"),
         pytest.param({"network": [{}]}, "network[0].id", id="missing-id"),
         pytest.param({"network": [{"id": "a\nb"}]}, "network[0].id", id="id-injection"),

@@ -110,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self.phase = "head"  # head | body | busy | idle | closed
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
+        self.eof = False
         self.task: asyncio.Task[None] | None = None
         self.pending: tuple[UpstreamRequest, int] | None = None
         self.writable = True
@@ -155,15 +156,19 @@ class _Connection(asyncio.Protocol):
         self._advance()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client still gets the answers to what it already sent.
-        return self.phase == "busy" or None
+        # A half-closed client still gets the answers to what it already sent, then we close.
+        self.eof = True
+        return True if self.phase == "busy" else None
 
     def pause_writing(self) -> None:
         self.writable = False
 
     def resume_writing(self) -> None:
         self.writable = True
-        if self.phase in ("head", "body") and self.buf:
+        if self.phase in ("idle", "head", "body") and self.buf:
+            if self.phase == "idle":
+                self.phase = "head"
+                self._arm(self.front.spec.timeouts.http_request)
             self._advance()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -279,7 +284,7 @@ class _Connection(asyncio.Protocol):
         if front.options.access_log:
             self._log(request.method, request.target, status, len(out), started)
         self.task = None
-        if close:
+        if close or (self.eof and not self.buf):
             self._close()
             return
         self.phase = "idle"

@@ -89,6 +89,41 @@ def _check_dirs(directory: str, binary: str, owners: frozenset[int]) -> None:
         current = os.path.dirname(current)
 
 
+_MAX_LINKS = 40
+
+
+def _resolve_trusted(path: str, binary: str, owners: frozenset[int]) -> str:
+    """realpath(path), also refusing a symlink anywhere on the way that sits in an untrusted
+    directory: whoever can write there can point the link at any other binary."""
+    resolved = "/"
+    pending = [p for p in path.split("/") if p]
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError as exc:
+            raise UntrustedBinary(binary, f"cannot stat {candidate}: {exc.strerror}") from exc
+        if not stat.S_ISLNK(st.st_mode):
+            resolved = candidate
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            raise UntrustedBinary(binary, "too many levels of symbolic links")
+        _check_dirs(resolved, binary, owners)
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = "/"
+        pending[:0] = [p for p in target.split("/") if p]
+    return resolved
+
+
 def _inside(directory: str, allowed: Iterable[str]) -> bool:
     return directory in set(allowed)
 
@@ -108,6 +143,7 @@ def validate_binary(
         raise UntrustedBinary(
             text, f"its directory is not on the allow-list ({', '.join(allowed) or 'empty'})"
         )
+    owners = _trusted_owners()
     real = os.path.realpath(normal)
     if not _inside(os.path.dirname(real), allowed_real):
         raise UntrustedBinary(text, f"it resolves to {real}, outside the allow-listed directories")
@@ -119,7 +155,8 @@ def validate_binary(
         raise UntrustedBinary(text, f"{real} is not a regular file")
     if not st.st_mode & stat.S_IXUSR:
         raise UntrustedBinary(text, f"{real} is not executable")
-    owners = _trusted_owners()
+    if _resolve_trusted(normal, text, owners) != real:
+        raise UntrustedBinary(text, f"{real} changed while it was being checked")
     reason = _check_node(real, st, owners, "binary")
     if reason:
         raise UntrustedBinary(text, reason)

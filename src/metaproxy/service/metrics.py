@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from metaproxy.errors import ConfigError
 from metaproxy.service.settings import MetricsEndpoint
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,20 @@ class MetricsServer:
 
     async def start(self) -> None:
         ep = self.endpoint
-        if ep.path is not None:
-            from metaproxy.service.control import claim_socket_path
+        try:
+            if ep.path is not None:
+                from metaproxy.service.control import claim_socket_path
 
-            claim_socket_path(ep.path)
-            self._server = await asyncio.start_unix_server(self._serve, path=str(ep.path))
-            os.chmod(ep.path, 0o600)
-        else:
-            self._server = await asyncio.start_server(self._serve, host=ep.host, port=ep.port)
+                claim_socket_path(ep.path)
+                self._server = await asyncio.start_unix_server(self._serve, path=str(ep.path))
+                os.chmod(ep.path, 0o600)
+            else:
+                self._server = await asyncio.start_server(self._serve, host=ep.host, port=ep.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"service.metrics: cannot listen on {ep}: {exc.strerror or exc}",
+                key="service.metrics",
+            ) from exc
         log.info("metrics at %s/metrics", ep)
 
     @property

@@ -14,6 +14,7 @@ then find the running service's store and control socket without flags. A non-ro
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROLE_SECTIONS = ("agent", "metadata", "store", "haproxy")
 DEFAULT_STATE_PATH = Path("/var/lib/metaproxy")
+_UNIX_PATH_MAX = 108  # sun_path, including the terminating NUL
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,17 @@ class ServiceConfig:
         for name in ("stop_timeout", "drain_timeout", "poll_interval"):
             if not 0 < getattr(self, name) <= 600:
                 raise ConfigError(f"service.{name} must be in (0, 600] s", key=f"service.{name}")
+        for name, path in (
+            ("control_socket" if self.control_socket else "state_path", self.control_path),
+            ("state_path", self.agent_socket),
+            ("state_path", self.metadata_socket),
+        ):
+            if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+                raise ConfigError(
+                    f"service.{name}: the socket {path} is longer than a Unix socket path may be "
+                    f"({_UNIX_PATH_MAX - 1} bytes); choose a shorter state path",
+                    key=f"service.{name}",
+                )
         if self.metadata_url is not None and not self.metadata_url.startswith(
             ("http://", "https://")
         ):
