@@ -57,7 +57,7 @@ def profile(front: fronts.Front, path: str, seconds: float, script: Path, out: P
         f"transport.write() and its syscall) counts for the line that made it; raw: {out}"
     )
     incl = Table(
-        f"{title}: functions by inclusive samples", [Column("%", ".1f"), Column("function")]
+        f"{title}: functions by inclusive samples", [Column("function"), Column("%", ".1f")]
     )
     # The start-up chain (main, run, Runner.run...) is in every stack: leave it out.
     root = max(inclusive.values(), default=0)
