@@ -255,7 +255,7 @@ ROUNDS = 150
 def _writer(path: str, start: Any, done: Any) -> None:
     """Adds instances (one transaction each: the instance and its 3 ports), removes half."""
     s = SqliteStore(path)
-    start.wait(30)
+    start.wait(30)  # a barrier: both processes have opened the store before either goes
     for n in range(ROUNDS):
         uid = str(uuid.UUID(int=n + 1000))
         s.import_inventory(
@@ -286,7 +286,7 @@ def _reader(path: str, start: Any, done: Any, results: Any) -> None:
     s = SqliteStore(path)
     reads = overlapping = 0
     try:
-        start.wait(30)
+        start.wait(30)  # a barrier: both processes have opened the store before either goes
         deadline = time.monotonic() + 60
         while not done.is_set() and time.monotonic() < deadline:
             for inst in s.instances():
@@ -309,7 +309,9 @@ def _reader(path: str, start: Any, done: Any, results: Any) -> None:
 @pytest.mark.timeout(90)
 def test_two_processes_write_and_read_at_once(store: SqliteStore) -> None:
     ctx = multiprocessing.get_context("spawn")
-    results, start, done = ctx.Queue(), ctx.Event(), ctx.Event()
+    # A barrier, not an event set by this process: spawned children take a while to import, and
+    # under load the writer could otherwise finish before the reader had even opened the store.
+    results, start, done = ctx.Queue(), ctx.Barrier(2), ctx.Event()
     path = str(store.path)
     procs = [
         ctx.Process(target=_writer, args=(path, start, done)),
@@ -317,7 +319,6 @@ def test_two_processes_write_and_read_at_once(store: SqliteStore) -> None:
     ]
     for p in procs:
         p.start()
-    start.set()  # both are spawned: go at once
     found = [results.get(timeout=80)]
     while found[-1][0] != "reads":
         found.append(results.get(timeout=80))

@@ -41,6 +41,7 @@ _SINGLETONS = frozenset(
 # Bytes a head may not contain: controls other than HTAB/CR/LF, DEL, a CR not followed by LF,
 # an LF not preceded by CR (RFC 9112 §2.2 allows servers to refuse both) and obs-fold, a line
 # starting with SP/HTAB (RFC 9112 §5.2: reject or replace; we reject).
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
 # RFC 9110 §5.6.2 token, minus '_': Neutron LP #1865036 spoofed identity headers with underscores
 # that some servers fold into dashes.
@@ -75,9 +76,26 @@ def check_head_bytes(head: bytes) -> Refusal | None:
     """Refuse a raw head (request line to blank line) with bytes llhttp might tolerate."""
     if len(head) > MAX_HEAD:
         return Refusal(431, "request head over 8 KiB")
-    if _BAD_HEAD_BYTES.search(head) is not None:
+    if not _clean_head(head):
         return Refusal(400, "bare CR/LF, control byte or obs-fold in head")
     return None
+
+
+def _clean_head(head: bytes) -> bool:
+    """The same verdict as `_BAD_HEAD_BYTES.search(head) is None`, in C-speed passes.
+
+    The regex's lookaround alternation ran at every byte: about 5 us a request, 8 % of the
+    front's CPU under load. Every CR must start a CRLF and every LF end one, so the three
+    counts agree exactly when neither a bare CR nor a bare LF is present.
+    """
+    crlf = head.count(b"\r\n")
+    return (
+        _CONTROL_BYTES.search(head) is None
+        and head.count(b"\r") == crlf
+        and head.count(b"\n") == crlf
+        and b"\n " not in head
+        and b"\n\t" not in head
+    )
 
 
 def has_bad_bytes(partial: bytes | bytearray, start: int = 0) -> bool:
