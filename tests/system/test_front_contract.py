@@ -178,6 +178,8 @@ EITHER = frozenset({400, 405})
         ),
         pytest.param("DELETE / HTTP/1.1", (), BAD_METHOD, id="delete"),
         pytest.param("TRACE / HTTP/1.1", (), BAD_METHOD, id="trace"),
+        pytest.param("GET / HTTP/2.0", (), BAD_TARGET, id="version-2.0"),
+        pytest.param("GET / HTTP/1.2", (), BAD_TARGET, id="version-1.2"),
     ],
 )
 def test_refused_requests_never_reach_the_agent(

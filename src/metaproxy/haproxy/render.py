@@ -127,6 +127,9 @@ def _frontend(spec: FrontSpec) -> list[str]:
         "    tcp-request connection track-sc0 src",
         f"    tcp-request connection reject if {{ sc0_conn_cur gt {PER_SOURCE_CONNECTIONS} }}",
         f"{deny} 405 unless {{ method {' '.join(ALLOWED_METHODS)} }}",
+        # haproxy's H1 parser takes `GET / HTTP/2.0` as a request; the builtin engine refuses it,
+        # and so must this one (found by the attack suite's fuzzing).
+        f"{deny} 400 unless {{ req.ver 1.0 1.1 }}",
         # Origin-form of visible ASCII only: no absolute/authority form, `*`, or control bytes.
         f"{deny} 400 unless {{ url -m reg ^/[!-~]*$ }}",
         # The builtin engine's head limits (http/policy.py): 8 KiB of head, 64 fields → 431.
