@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 
 from attack import tally
@@ -18,9 +17,7 @@ from attack.backend import parse_one
 from attack.corpus import CORPUS
 from attack.judge import Truth, check_upstream
 from attack.strategies import mutated, requests
-
-wire = pytest.importorskip("metaproxy.http.wire", reason="the builtin front's codec is not here")
-policy = pytest.importorskip("metaproxy.http.policy", reason="the builtin policy is not here")
+from metaproxy.http import policy, wire
 
 EXAMPLES = int(os.environ.get("METAPROXY_ATTACK_EXAMPLES", "1500"))
 TRUTH = Truth("X-Neutron-Network-ID", "attack-net-0001", "169.254.10.2")

@@ -15,16 +15,8 @@ from pathlib import Path
 import pytest
 
 from metaproxy.config import FrontSpec, Identity
-
-# Until the builtin engine is in the tree (it lands in parallel), there is nothing to check.
-builtin = pytest.importorskip(
-    "metaproxy.front.builtin", reason="the builtin engine is not in this tree"
-)
-client = pytest.importorskip(
-    "metaproxy.http.client", reason="the builtin engine is not in this tree"
-)
-BuiltinFront = builtin.BuiltinFront
-UpstreamPool = client.UpstreamPool
+from metaproxy.front.builtin import BuiltinFront
+from metaproxy.http.client import UpstreamPool
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 REQUEST = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n"
