@@ -76,10 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _secret_flag(argv: Sequence[str]) -> str | None:
+    """The first flag that would carry a secret's value on the command line, if any."""
+    for token in argv:
+        name = token.split("=", 1)[0].lower().replace("-", "_")
+        if name.startswith("__") and "secret" in name and not name.endswith("_file"):
+            return token.split("=", 1)[0]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, set up logging, run, and map failures to exit codes."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Refused before argparse sees it: its "unrecognized arguments" error would echo the value,
+    # and a secret on the command line is readable by every user through ps.
+    flag = _secret_flag(args_list)
+    if flag is not None:
+        print(
+            f"metaproxy: error: {flag}: secrets are never taken on the command line (other "
+            "users can read them in ps); use a *_file option, the config file or the "
+            "METAPROXY_* environment",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     logsetup.setup(args.log_level)
     try:
         return int(args._run(args))
