@@ -221,6 +221,32 @@ def default_port(kind: IdentityKind) -> int:
     return DEFAULT_NETWORK_PORT if kind == "network" else DEFAULT_ROUTER_PORT
 
 
+def parse_address(
+    text: str, *, key: str, allow_port_zero: bool = False
+) -> tuple[Path | None, str | None, int | None]:
+    """Parse `unix:/abs/path`, `HOST:PORT` or `[V6]:PORT` into (unix path, host, port).
+
+    Port 0 (the kernel picks one) is allowed only where the caller asks for it.
+    """
+    if text.startswith("unix:"):
+        path = Path(text[5:])
+        if not path.is_absolute():
+            raise ConfigError(f"{key}: a Unix socket path must be absolute", key=key)
+        return path, None, None
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {text!r} is not HOST:PORT, [V6]:PORT or unix:/PATH", key=key
+        ) from None
+    if not sep or not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{key}: {port_text!r} is not a TCP port", key=key)
+    return None, host, port
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a ConfigError naming the file."""
     try:

@@ -11,6 +11,7 @@ from metaproxy.config import (
     Identity,
     Secret,
     Timeouts,
+    parse_address,
     resolve_group,
     resolve_user,
     validate_id,
@@ -109,3 +110,33 @@ def test_timeouts_default_to_neutrons() -> None:
     )
     with pytest.raises(ConfigError):
         Timeouts(client=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "zero", "expected"),
+    [
+        pytest.param("unix:/run/mp.sock", False, (Path("/run/mp.sock"), None, None), id="unix"),
+        pytest.param("127.0.0.1:8775", False, (None, "127.0.0.1", 8775), id="v4"),
+        pytest.param("[::1]:9100", False, (None, "::1", 9100), id="v6"),
+        pytest.param("127.0.0.1:0", True, (None, "127.0.0.1", 0), id="port-zero-allowed"),
+    ],
+)
+def test_parse_address(text: str, zero: bool, expected: tuple[object, ...]) -> None:
+    assert parse_address(text, key="k", allow_port_zero=zero) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("unix:relative.sock", id="relative-unix"),
+        pytest.param("localhost:80", id="name-not-address"),
+        pytest.param("127.0.0.1", id="no-port"),
+        pytest.param("127.0.0.1:0", id="port-zero"),
+        pytest.param("127.0.0.1:65536", id="port-too-big"),
+        pytest.param("[::1:80", id="half-bracket"),
+    ],
+)
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address(text, key="metadata.listen")
+    assert info.value.key == "metadata.listen"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from metaproxy.config import Secret, env_overrides, read_secret
+from metaproxy.config import Secret, env_overrides, parse_address, read_secret
 from metaproxy.errors import ConfigError
 
 DEFAULT_STATE_PATH = Path("/var/lib/metaproxy")  # the same default as ns-proxy's --state_path
@@ -64,23 +63,8 @@ class Listen:
 
     @classmethod
     def parse(cls, text: str, *, key: str = "metadata.listen") -> Listen:
-        if text.startswith("unix:"):
-            path = Path(text[5:])
-            if not path.is_absolute():
-                raise ConfigError(f"{key}: a Unix socket path must be absolute", key=key)
-            return cls(unix=path)
-        host, sep, port = text.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            ipaddress.ip_address(host)
-            number = int(port)
-        except ValueError:
-            raise ConfigError(
-                f"{key}: {text!r} is not HOST:PORT, [V6]:PORT or unix:/PATH", key=key
-            ) from None
-        if not sep or not 0 <= number <= 65535:
-            raise ConfigError(f"{key}: {port!r} is not a TCP port", key=key)
-        return cls(host=host, port=number)
+        unix, host, port = parse_address(text, key=key, allow_port_zero=True)
+        return cls(host=host, port=port, unix=unix)
 
     def __str__(self) -> str:
         if self.unix is not None:

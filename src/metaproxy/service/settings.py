@@ -29,6 +29,7 @@ from metaproxy.config import (
     default_bind_address,
     default_port,
     env_overrides,
+    parse_address,
     read_toml,
     resolve_group,
     resolve_user,
@@ -61,23 +62,8 @@ class MetricsEndpoint:
         text = text.strip()
         if text in ("", "off", "false", "no"):
             return None
-        if text.startswith("unix:"):
-            path = Path(text[5:])
-            if not path.is_absolute():
-                raise ConfigError(f"{key}: a Unix socket path must be absolute", key=key)
-            return cls(path=path)
-        host, sep, port_text = text.rpartition(":")
-        host = host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-            port = int(port_text)
-        except ValueError:
-            raise ConfigError(
-                f"{key}: {text!r} is not HOST:PORT, [V6]:PORT or unix:/PATH", key=key
-            ) from None
-        if not sep or not 1 <= port <= 65535:
-            raise ConfigError(f"{key}: {text!r} has no valid port", key=key)
-        return cls(host=host, port=port)
+        path, host, port = parse_address(text, key=key)
+        return cls(host=host, port=port, path=path)
 
     def __str__(self) -> str:
         if self.path is not None:
