@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         type=Path,
         metavar="FILE",
-        help="front scenario: also profile the builtin front with py-spy (pip install py-spy) "
+        help="front scenario: also profile the builtin front with py-spy (the bench extra) "
         "during one extra run, keep the raw profile in FILE and print its top lines",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")

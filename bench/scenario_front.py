@@ -99,7 +99,9 @@ def run(ctx: Context) -> ScenarioResult:
             opts.profile.parent.mkdir(parents=True, exist_ok=True)
             result.tables += profiler.profile(builtin, PATH, opts.duration, script, opts.profile)
         else:
-            table.notes.append(f"--profile: {profiler.PY_SPY} is missing (pip install py-spy)")
+            table.notes.append(
+                f"--profile: {profiler.PY_SPY} is missing (pip install -e '.[bench]')"
+            )
 
     b_rps, n_rps = med("builtin", 32, "rps"), med("haproxy-neutron", 32, "rps")
     k_rps = med("haproxy-keepalive", 32, "rps")
