@@ -20,6 +20,7 @@ from typing import cast
 import httptools
 
 from metaproxy.errors import UpstreamError
+from metaproxy.http.client import WaiterProtocol
 
 MAX_ANSWER = 32 * 1024 * 1024
 MAX_IDLE = 256
@@ -39,14 +40,12 @@ class Answer:
         return None
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(WaiterProtocol):
     """One connection; one exchange at a time. httptools calls the on_* methods."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
+        super().__init__()
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.size = 0
@@ -125,23 +124,6 @@ class _Conn(asyncio.Protocol):
                 self._wake(None)
             else:
                 self._wake(UpstreamError("metadata server closed the connection early"))
-
-    def _fail(self, error: UpstreamError) -> None:
-        self._wake(error)
-        self.close()
-
-    def _wake(self, error: UpstreamError | None) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
     def reusable(self) -> bool:
         return not self.closed and self.framed and not self.head and self.keep_alive

@@ -94,15 +94,43 @@ class _Exchange:
         self.done = True
 
 
-class _Connection(asyncio.Protocol):
+class WaiterProtocol(asyncio.Protocol):
+    """A client connection whose one pending exchange is awaited through `waiter`.
+
+    Shared by the front's upstream pool and the agent's: `_wake` settles the waiter once (with
+    the result or an UpstreamError), `_fail` settles it and drops the connection.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._wake(error)
+        self.close()
+
+    def _wake(self, error: UpstreamError | None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Connection(WaiterProtocol):
     """One Unix-socket connection; carries one request at a time."""
 
     def __init__(self, pool: UpstreamPool) -> None:
+        super().__init__()
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
         self.exchange: _Exchange | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -136,26 +164,9 @@ class _Connection(asyncio.Protocol):
             else:
                 self._wake(UpstreamError("upstream closed before the response ended"))
 
-    def _fail(self, error: UpstreamError) -> None:
-        self._wake(error)
-        self.close()
-
-    def _wake(self, error: UpstreamError | None) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-
     def expire(self) -> None:
         """The server timeout passed: 504 for the waiting request, and this connection ends."""
         self._fail(UpstreamError("agent did not answer in time", status_hint=504))
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
 
 class UpstreamPool:
