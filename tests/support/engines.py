@@ -135,14 +135,19 @@ def running_front(
         assert destroyed.returncode == 0, f"--destroy failed: {destroyed.stderr}"
 
 
-def exchange(host: str, port: int, raw: bytes, *, timeout: float = 10) -> bytes:
+def exchange(
+    host: str, port: int, raw: bytes, *, timeout: float = 10, source: str | None = None
+) -> bytes:
     """Send raw request bytes, return everything the front answers until it closes.
 
     Requests should carry `Connection: close` so the answer ends with the connection.
+    `source` binds the client first (another 127.x address is another instance to a front).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
+        if source is not None:
+            sock.bind((source, 0))
         sock.connect((host, port))
         sock.sendall(raw)
         data = b""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,3 +331,91 @@ def test_head_just_under_the_limits_passes(front: Front, recorder: Recorder) -> 
     headers = ("X-Pad: " + "a" * 6000, *(f"X-Field-{i}: 1" for i in range(50)))
     assert status_of(_get(front, "/", *headers)) == 200
     assert len(recorder.requests) == 1
+
+
+RATE_FLAGS = ("--rate_limit_enabled", "--base_window_duration", "60")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        pytest.param(
+            ("--base_query_rate_limit", "3", "--burst_query_rate_limit", "100"),
+            [200, 200, 200, 429, 429],
+            id="base-window",
+        ),
+        pytest.param(
+            ("--base_query_rate_limit", "100", "--burst_query_rate_limit", "2"),
+            [200, 200, 429, 429],
+            id="burst-window",
+        ),
+    ],
+)
+def test_rate_limit_refuses_one_source_and_not_another(
+    engine: str,
+    short_tmp: Path,
+    recorder: Recorder,
+    flags: tuple[str, ...],
+    expected: list[int],
+) -> None:
+    """Neutron's [metadata_rate_limiting], on both engines: 429 past the limit, never relayed,
+    and counted per source address (127.0.0.2 is another instance to the front)."""
+    extra = (*RATE_FLAGS, "--burst_window_duration", "60", *flags)
+    with running_front(engine, short_tmp / "state", recorder.path, extra=extra) as front:
+        statuses = [status_of(_get(front)) for _ in expected]
+        other = status_of(exchange(front.host, front.port, _request(), source="127.0.0.2"))
+    assert statuses == expected
+    assert other == 200
+    assert len(recorder.requests) == expected.count(200) + 1
+
+
+def test_rate_limit_is_off_by_default(front: Front, recorder: Recorder) -> None:
+    statuses = {status_of(_get(front)) for _ in range(15)}
+    assert statuses == {200}
+
+
+def test_per_source_connection_cap_spares_other_sources(
+    engine: str, short_tmp: Path, recorder: Recorder
+) -> None:
+    """--max_conn_per_source on both engines: one more connection from a source that holds
+    the cap gets no answer from the agent (builtin: 429; haproxy: closed), another source
+    does, and the source is served again once it lets one go."""
+    extra = ("--max_conn_per_source", "3")
+    with running_front(engine, short_tmp / "state", recorder.path, extra=extra) as front:
+        held = [socket.create_connection((front.host, front.port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # both engines count a connection once accepted
+            over = _status_or_reset(front)
+            other = status_of(exchange(front.host, front.port, _request(), source="127.0.0.2"))
+            held.pop().close()
+            released = _retry_status(front)
+        finally:
+            for sock in held:
+                sock.close()
+    assert over in ({429} if engine == "builtin" else {0})
+    assert other == 200
+    assert released == 200
+    assert len(recorder.requests) == 2
+
+
+def _request(target: str = "/latest/meta-data/") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n".encode()
+
+
+def _status_or_reset(front: Front) -> int:
+    """The status of one request; 0 when the front closed or reset the connection instead."""
+    try:
+        return status_of(exchange(front.host, front.port, _request()))
+    except (ConnectionResetError, BrokenPipeError):
+        return 0
+
+
+def _retry_status(front: Front, attempts: int = 20) -> int:
+    """The first 200 within ~2 s: a closed socket is uncounted asynchronously."""
+    status = 0
+    for _ in range(attempts):
+        status = _status_or_reset(front)
+        if status == 200:
+            break
+        time.sleep(0.1)
+    return status

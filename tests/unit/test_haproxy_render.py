@@ -14,6 +14,7 @@ import pytest
 
 from metaproxy.config import FrontSpec, Identity, Timeouts
 from metaproxy.errors import ConfigError, UntrustedBinary
+from metaproxy.front.ratelimit import RateLimitConfig, SourceLimits
 from metaproxy.haproxy import engine
 from metaproxy.haproxy.render import RenderSettings, render_config
 from metaproxy.security import exec as sexec
@@ -55,6 +56,22 @@ CASES = {
             max_body=1024,
         ),
         RenderSettings(stats_socket=STATS),
+    ),
+    "network-rate-limited": (
+        FrontSpec(Identity("network", "net-r"), SOCK, "169.254.169.254", 80, STATE),
+        RenderSettings(
+            log="none",
+            limits=SourceLimits(
+                max_conn_per_source=8,
+                rate_limit=RateLimitConfig(
+                    rate_limit_enabled=True,
+                    base_window_duration=60,
+                    base_query_rate_limit=40,
+                    burst_window_duration=2.5,
+                    burst_query_rate_limit=12,
+                ),
+            ),
+        ),
     ),
 }
 
@@ -116,3 +133,31 @@ def test_paths_that_would_inject_config_are_refused(socket_path: str) -> None:
     spec = FrontSpec(Identity("network", "n"), Path(socket_path), "127.0.0.1", 80, STATE)
     with pytest.raises(ConfigError):
         render_config(spec)
+
+
+@pytest.mark.parametrize(
+    ("bind", "versions", "limited"),
+    [
+        ("169.254.169.254", (4,), True),
+        ("169.254.169.254", (6,), False),
+        ("fe80::a9fe:a9fe", (4,), False),
+        ("fe80::a9fe:a9fe", (6,), True),
+        ("fe80::a9fe:a9fe", (4, 6), True),
+    ],
+)
+def test_rate_limit_follows_the_fronts_address_family(
+    bind: str, versions: tuple[int, ...], limited: bool
+) -> None:
+    """Neutron's ip_versions: a front serves one family, so its config has the rules or not."""
+    spec = FrontSpec(Identity("network", "net-1"), SOCK, bind, 80, STATE, interface="tap0")
+    rate = RateLimitConfig(rate_limit_enabled=True, ip_versions=versions)
+    text = render_config(spec, RenderSettings(limits=SourceLimits(rate_limit=rate)))
+    assert ("deny_status 429" in text) is limited
+    assert ("backend rate_base" in text) is limited
+
+
+def test_rate_limit_off_renders_no_tables() -> None:
+    spec, _ = CASES["network-default"]
+    text = render_config(spec, RenderSettings())
+    assert "http_req_rate" not in text
+    assert "sc0_conn_cur gt 64" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from metaproxy.errors import ConfigError
-from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
+from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter, SourceLimits
 
 
 class Clock:
@@ -81,3 +81,47 @@ def test_options_from_a_mapping() -> None:
     config = RateLimitConfig.from_mapping({"rate_limit_enabled": True, "ip_versions": "4, 6"})
     assert config.ip_versions == (4, 6)
     assert config.base_query_rate_limit == 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param({"rate_limit_enabled": "true"}, {"rate_limit_enabled": True}, id="env-true"),
+        pytest.param({"rate_limit_enabled": "0"}, {"rate_limit_enabled": False}, id="env-0"),
+        pytest.param({"base_query_rate_limit": "12"}, {"base_query_rate_limit": 12}, id="int"),
+        pytest.param({"burst_window_duration": "2.5"}, {"burst_window_duration": 2.5}, id="f"),
+        pytest.param({"ip_versions": [6, 4]}, {"ip_versions": (6, 4)}, id="toml-list"),
+    ],
+)
+def test_values_from_toml_and_environment_are_coerced(
+    raw: dict[str, object], expected: dict[str, object]
+) -> None:
+    config = RateLimitConfig.from_mapping(raw)
+    for name, value in expected.items():
+        assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        pytest.param({"rate_limit_enabled": "perhaps"}, "s.rate_limit_enabled", id="bool"),
+        pytest.param({"base_query_rate_limit": True}, "s.base_query_rate_limit", id="bool-int"),
+        pytest.param({"base_query_rate_limit": [1]}, "s.base_query_rate_limit", id="list"),
+        pytest.param({"base_window_duration": -1}, "s.base_window_duration", id="negative"),
+        pytest.param({"ip_versions": 4}, "s.ip_versions", id="not-a-list"),
+    ],
+)
+def test_wrong_types_name_the_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RateLimitConfig.from_mapping(raw, section="s")
+    assert info.value.key == key
+
+
+def test_source_limits_from_flags_keep_defaults_for_absent_flags() -> None:
+    flags = {"max_conn_per_source": None, "base_query_rate_limit": 3, "engine": "haproxy"}
+    limits = SourceLimits.from_flags(flags)
+    assert limits.max_conn_per_source == 64
+    assert limits.rate_limit.base_query_rate_limit == 3
+    assert not limits.rate_limit.rate_limit_enabled
+    with pytest.raises(ConfigError):
+        SourceLimits.from_flags({"max_conn_per_source": 0})

@@ -140,6 +140,29 @@ def test_environment_overrides_the_file() -> None:
         pytest.param({"network": {"id": "n"}}, "network", id="not-an-array"),
         pytest.param({"front": {"network_netns": "ns"}}, "front.network_netns", id="no-id"),
         pytest.param(
+            {"front": {"max_conn_per_source": 0}}, "front.max_conn_per_source", id="per-source-0"
+        ),
+        pytest.param(
+            {"metadata_rate_limiting": {"rate_limit": True}},
+            "metadata_rate_limiting.rate_limit",
+            id="rate-typo",
+        ),
+        pytest.param(
+            {"metadata_rate_limiting": {"base_query_rate_limit": "ten"}},
+            "metadata_rate_limiting.base_query_rate_limit",
+            id="rate-not-a-number",
+        ),
+        pytest.param(
+            {"metadata_rate_limiting": {"burst_window_duration": 0}},
+            "metadata_rate_limiting.burst_window_duration",
+            id="rate-zero-window",
+        ),
+        pytest.param(
+            {"metadata_rate_limiting": {"rate_limit_enabled": "maybe"}},
+            "metadata_rate_limiting.rate_limit_enabled",
+            id="rate-not-a-bool",
+        ),
+        pytest.param(
             {"front": {"router_netns": "{id}-{x}"}}, "front.router_netns", id="other-placeholder"
         ),
     ],
@@ -200,3 +223,62 @@ def test_the_example_config_in_contrib_is_valid() -> None:
         "network-6e6b1a54-3a3f-4d8d-8a39-4b0c0b3e2f11",
         "router-r1",
     ]
+
+
+def test_rate_limits_take_neutrons_section_and_names() -> None:
+    cfg = _compose(
+        {
+            "front": {"max_conn_per_source": 16},
+            "metadata_rate_limiting": {
+                "rate_limit_enabled": True,
+                "ip_versions": [4, 6],
+                "base_window_duration": 30,
+                "base_query_rate_limit": 20,
+            },
+        }
+    )
+    assert cfg.limits.max_conn_per_source == 16
+    rate = cfg.limits.rate_limit
+    assert rate.rate_limit_enabled
+    assert rate.ip_versions == (4, 6)
+    assert (rate.base_window_duration, rate.base_query_rate_limit) == (30.0, 20)
+    assert rate.burst_query_rate_limit == 10  # Neutron's default
+    shown = describe(cfg)
+    assert shown["front"]["max_conn_per_source"] == 16
+    assert shown["metadata_rate_limiting"]["ip_versions"] == [4, 6]
+
+
+def test_rate_limits_are_off_by_default_and_take_environment_strings() -> None:
+    assert not _compose({}).limits.rate_limit.rate_limit_enabled
+    assert _compose({}).limits.max_conn_per_source == 64
+    cfg = _compose(
+        {},
+        {
+            "METAPROXY_METADATA_RATE_LIMITING__RATE_LIMIT_ENABLED": "true",
+            "METAPROXY_METADATA_RATE_LIMITING__BURST_QUERY_RATE_LIMIT": "4",
+            "METAPROXY_METADATA_RATE_LIMITING__IP_VERSIONS": "6",
+            "METAPROXY_FRONT__MAX_CONN_PER_SOURCE": "9",
+        },
+    )
+    assert cfg.limits.rate_limit.rate_limit_enabled is True
+    assert cfg.limits.rate_limit.burst_query_rate_limit == 4
+    assert cfg.limits.rate_limit.ip_versions == (6,)
+    assert cfg.limits.max_conn_per_source == 9
+
+
+def test_both_engines_under_up_get_the_limits() -> None:
+    """The limits reach the engine `up` builds, whichever it is (they were ignored before)."""
+    from metaproxy.service import engines
+    from metaproxy.service.haproxy_engine import HaproxyEngine
+
+    doc = {
+        "front": {"max_conn_per_source": 5},
+        "metadata_rate_limiting": {"rate_limit_enabled": True, "base_query_rate_limit": 7},
+    }
+    builtin = engines.create(_compose(doc))
+    assert isinstance(builtin, engines.BuiltinEngine)
+    assert builtin.front.options.max_conn_per_source == 5
+    assert builtin.front.options.rate_limit.base_query_rate_limit == 7
+    haproxy = HaproxyEngine.from_config(_compose({**doc, "service": {"engine": "haproxy"}}))
+    assert haproxy.settings.limits.max_conn_per_source == 5
+    assert haproxy.settings.limits.rate_limit.base_query_rate_limit == 7

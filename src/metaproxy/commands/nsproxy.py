@@ -134,31 +134,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     builtin = parser.add_argument_group("builtin engine")
     _flag(builtin, "log_file", metavar="PATH", type=Path, help="detached: append logs here")
+
+    limits = parser.add_argument_group(
+        "per-source limits (both engines)",
+        "What one instance address may use. Neutron's [metadata_rate_limiting] options: rates "
+        "are sliding-window estimates per source address, counted for every request that "
+        "passes the front's checks; one over either limit gets 429.",
+    )
     _flag(
-        builtin,
+        limits,
         "max_conn_per_source",
         metavar="N",
         type=int,
-        help="connections one instance address may hold (default 64; more get 429)",
+        help="concurrent connections one instance address may hold (default 64); builtin "
+        "answers one more with 429, haproxy closes it",
     )
     _flag(
-        builtin,
+        limits,
         "rate_limit_enabled",
         action="store_const",
         const=True,
-        help="refuse a source over the rate limits below with 429 (Neutron's option)",
+        help="refuse a source over the rate limits below with 429 (default off)",
     )
-    _flag(builtin, "ip_versions", metavar="4,6", help="rate limit these IP versions (default 4)")
+    _flag(
+        limits,
+        "ip_versions",
+        metavar="4,6",
+        help="rate limit sources of these IP versions (default 4)",
+    )
     for name, what in (
         ("base_window_duration", "seconds of the base window (default 10)"),
         ("burst_window_duration", "seconds of the burst window (default 10)"),
     ):
-        _flag(builtin, name, metavar="SECONDS", type=float, help=what)
+        _flag(limits, name, metavar="SECONDS", type=float, help=what)
     for name, what in (
         ("base_query_rate_limit", "requests allowed per base window (default 10)"),
         ("burst_query_rate_limit", "requests allowed per burst window (default 10)"),
     ):
-        _flag(builtin, name, metavar="N", type=int, help=what)
+        _flag(limits, name, metavar="N", type=int, help=what)
 
 
 def spec_from_args(args: argparse.Namespace) -> FrontSpec:

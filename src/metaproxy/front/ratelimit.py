@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from metaproxy.errors import ConfigError
@@ -41,21 +41,81 @@ class RateLimitConfig:
                 raise ConfigError(f"{name} must be at least 1", key=name)
 
     @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> RateLimitConfig:
-        """Build from a TOML table or flags; unknown keys are a ConfigError."""
+    def from_mapping(cls, table: Mapping[str, Any], *, section: str = "") -> RateLimitConfig:
+        """Build from a TOML table, flags or environment strings; unknown keys and values of
+        the wrong type are a ConfigError naming the key (`section.key` when given)."""
+        where = f"{section}." if section else ""
         known = set(cls.__dataclass_fields__)
         unknown = set(table) - known
         if unknown:
-            raise ConfigError(f"unknown rate limit option(s): {', '.join(sorted(unknown))}")
-        values = dict(table)
-        if "ip_versions" in values:
-            raw = values["ip_versions"]
-            items = raw.split(",") if isinstance(raw, str) else raw
-            try:
-                values["ip_versions"] = tuple(int(str(v).strip()) for v in items)
-            except ValueError:
-                raise ConfigError("ip_versions must list 4 and/or 6", key="ip_versions") from None
-        return cls(**values)
+            raise ConfigError(
+                f"unknown rate limit option(s): {', '.join(where + k for k in sorted(unknown))}",
+                key=where + sorted(unknown)[0],
+            )
+        values: dict[str, Any] = {}
+        for name, raw in table.items():
+            key = where + name
+            if name == "ip_versions":
+                items = raw.split(",") if isinstance(raw, str) else raw
+                try:
+                    values[name] = tuple(int(str(v).strip()) for v in items)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{key} must list 4 and/or 6", key=key) from None
+            elif name == "rate_limit_enabled":
+                values[name] = _boolean(raw, key)
+            else:
+                kind = int if name.endswith("_limit") else float
+                if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                    raise ConfigError(f"{key} must be a number", key=key)
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ConfigError(f"{key} must be a number, not {raw!r}", key=key) from None
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}", key=where + (exc.key or "")) from None
+
+
+def _boolean(raw: object, key: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key} must be true or false, not {raw!r}", key=key)
+
+
+MAX_CONN_PER_SOURCE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLimits:
+    """What one instance address may use, the same for both engines.
+
+    `max_conn_per_source` concurrent connections (more are turned away: 429 from the builtin
+    engine, a closed connection from haproxy) and Neutron's request-rate limits.
+    """
+
+    max_conn_per_source: int = MAX_CONN_PER_SOURCE
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_conn_per_source <= 1_000_000:
+            raise ConfigError(
+                "max_conn_per_source must be between 1 and 1000000", key="max_conn_per_source"
+            )
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any]) -> SourceLimits:
+        """From parsed ns-proxy flags (`vars(args)`): only our names are read, and a flag that
+        was not given (None) keeps its default."""
+        given = {k: v for k, v in values.items() if v is not None}
+        rate = {k: given[k] for k in RateLimitConfig.__dataclass_fields__ if k in given}
+        per_source = given.get("max_conn_per_source", MAX_CONN_PER_SOURCE)
+        return cls(int(per_source), RateLimitConfig.from_mapping(rate))
 
 
 class _Window:

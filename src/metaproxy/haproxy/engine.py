@@ -33,13 +33,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Literal
 
 from metaproxy.config import FrontSpec, env_overrides
 from metaproxy.errors import ConfigError, NamespaceError, ProcessError
+from metaproxy.front.ratelimit import SourceLimits
 from metaproxy.haproxy.render import RenderSettings, render_config
 from metaproxy.security import exec as sexec
 from metaproxy.security import files
@@ -55,7 +56,9 @@ _PID_RE = re.compile(rb"^Pid: (\d+)\s*$", re.MULTILINE)
 
 @dataclass(frozen=True, slots=True)
 class HaproxySettings:
-    """The [haproxy] config slice: which binary, from where, and how long to wait for it."""
+    """The [haproxy] config slice: which binary, from where, and how long to wait for it; and
+    the per-source limits every front enforces (from [front] and [metadata_rate_limiting] under
+    `up`, from the ns-proxy flags otherwise)."""
 
     binary: Path | None = None
     allowed_dirs: tuple[Path, ...] = sexec.DEFAULT_ALLOWED_DIRS
@@ -63,6 +66,7 @@ class HaproxySettings:
     check_timeout: float = 30.0
     start_timeout: float = 30.0
     stop_timeout: float = 10.0
+    limits: SourceLimits = field(default_factory=SourceLimits)
 
     def __post_init__(self) -> None:
         # binary is checked by validate_binary at use: one message for every untrusted path.
@@ -78,7 +82,7 @@ class HaproxySettings:
     ) -> HaproxySettings:
         """Build from the TOML [haproxy] table plus METAPROXY_HAPROXY__* overrides."""
         merged: dict[str, Any] = {**table, **env_overrides(environ or {}, "haproxy")}
-        unknown = set(merged) - {f for f in cls.__dataclass_fields__}
+        unknown = set(merged) - (set(cls.__dataclass_fields__) - {"limits"})
         if unknown:
             raise ConfigError(f"haproxy: unknown keys {sorted(unknown)}", key="haproxy")
         kwargs: dict[str, Any] = {}
@@ -156,7 +160,9 @@ def prepare(spec: FrontSpec, settings: HaproxySettings) -> PreparedFront:
             f"state_path is too long: {paths.stats} exceeds a Unix socket path", key="state_path"
         )
     files.ensure_private_dir(paths.config.parent)
-    text = render_config(spec, RenderSettings(log=settings.log, stats_socket=paths.stats))
+    text = render_config(
+        spec, RenderSettings(log=settings.log, stats_socket=paths.stats, limits=settings.limits)
+    )
     files.write_private(paths.config, text)
     prepared = PreparedFront(spec, settings, binary, paths)
     check(prepared)
@@ -359,6 +365,7 @@ def settings_from_args(args: argparse.Namespace, *, foreground: bool) -> Haproxy
         allowed_dirs=sexec.parse_allowed_dirs(dirs) if dirs else sexec.DEFAULT_ALLOWED_DIRS,
         # Detached, nobody reads haproxy's stderr once we return: log nothing per request.
         log="stderr" if foreground else "none",
+        limits=SourceLimits.from_flags(vars(args)),
     )
 
 

@@ -6,7 +6,7 @@ What Neutron's config had: global user/group and maxconn 1024, defaults in http 
 `option http-server-close` and the five timeouts, one listener, one server (the agent's Unix
 socket). What this one adds, in rule order (haproxy runs `http-request` rules top to bottom):
 
-0. No h2c by prior knowledge, and at most PER_SOURCE_CONNECTIONS concurrent connections per
+0. No h2c by prior knowledge, and at most `max_conn_per_source` concurrent connections per
    client address (an idle-connection flood from one guest must not take the others' slots).
 1. only GET/HEAD/POST/PUT (405); origin-form targets only (absolute-form, authority-form and
    `*` → 400); a head over 8 KiB or with over 64 fields (431, as the builtin engine); Upgrade
@@ -17,6 +17,10 @@ socket). What this one adds, in rule order (haproxy runs `http-request` rules to
 2. IMDSv2's rule: `PUT /latest/api/token` carrying a client X-Forwarded-For → 403, checked
    before the client's X-Forwarded-For is thrown away. Applied to every PUT (PUT exists only
    for the token, and the metadata server may route other spellings of its path there).
+2b. With Neutron's `rate_limit_enabled` (and the front's address family in `ip_versions`): each
+   request that passed the rules above is counted per source in two stick tables (base and
+   burst window, `http_req_rate`, the same sliding estimate the builtin engine computes), and
+   one over either limit gets 429.
 3. Every client-sent identity header is deleted (any case), then every header not on the
    short allow-list, then ours are set: one identity header and `X-Forwarded-For: <src>`.
 
@@ -27,12 +31,13 @@ confused agent from mixing them up; a Unix-socket connect costs microseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from metaproxy.config import FrontSpec
 from metaproxy.errors import ConfigError
+from metaproxy.front.ratelimit import RateLimitConfig, SourceLimits
 
 # The client headers the agent may see (the COMMON front→agent seam).
 FORWARDED_HEADERS = (
@@ -53,16 +58,18 @@ IDENTITY_HEADER_PATTERN = (
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT")
 MAX_HEAD = 8192
 MAX_FIELDS = 64
-# Concurrent connections one client address may hold (a guest's cloud-init uses a handful).
-PER_SOURCE_CONNECTIONS = 64
+# Stick-table rows: one per client address seen within the expiry (a network's instances).
+TABLE_SIZE = "64k"
 
 
 @dataclass(frozen=True, slots=True)
 class RenderSettings:
-    """How haproxy itself runs: where it logs and where its (read-only) stats socket lives."""
+    """How haproxy itself runs (where it logs, its read-only stats socket) and the per-source
+    limits it enforces."""
 
     log: Literal["stderr", "none"] = "stderr"
     stats_socket: Path | None = None
+    limits: SourceLimits = field(default_factory=SourceLimits)
 
 
 def _duration(seconds: float) -> str:
@@ -113,7 +120,46 @@ def _defaults(spec: FrontSpec, settings: RenderSettings) -> list[str]:
     return lines
 
 
-def _frontend(spec: FrontSpec) -> list[str]:
+def _rate_limited(spec: FrontSpec, rate: RateLimitConfig) -> bool:
+    """Neutron's `ip_versions`: a front listens on one family, so this is decided here."""
+    family = 6 if ":" in spec.bind_address else 4
+    return rate.rate_limit_enabled and family in rate.ip_versions
+
+
+def _rate_rules(spec: FrontSpec, rate: RateLimitConfig) -> list[str]:
+    if not _rate_limited(spec, rate):
+        return []
+    # track-sc counts this request before the deny looks, so `gt N` lets N through per window.
+    return [
+        "    http-request track-sc1 src table rate_base",
+        "    http-request track-sc2 src table rate_burst",
+        f"    http-request deny deny_status 429 if "
+        f"{{ sc1_http_req_rate(rate_base) gt {rate.base_query_rate_limit} }} || "
+        f"{{ sc2_http_req_rate(rate_burst) gt {rate.burst_query_rate_limit} }}",
+    ]
+
+
+def _rate_tables(spec: FrontSpec, rate: RateLimitConfig) -> list[list[str]]:
+    """A stick table per window; haproxy allows one table per section, hence two backends."""
+    if not _rate_limited(spec, rate):
+        return []
+    tables = []
+    for name, window in (
+        ("rate_base", rate.base_window_duration),
+        ("rate_burst", rate.burst_window_duration),
+    ):
+        period = _duration(window)
+        tables.append(
+            [
+                f"backend {name}",
+                f"    stick-table type ipv6 size {TABLE_SIZE} expire {_duration(2 * window)} "
+                f"store http_req_rate({period})",
+            ]
+        )
+    return tables
+
+
+def _frontend(spec: FrontSpec, limits: SourceLimits) -> list[str]:
     allowed = "|".join(FORWARDED_HEADERS)
     deny = "    http-request deny deny_status"
     return [
@@ -123,9 +169,9 @@ def _frontend(spec: FrontSpec) -> list[str]:
         # h2c by prior knowledge would bypass every HTTP/1 rule below.
         "    option disable-h2-upgrade",
         # One guest must not hold every slot: idle sockets over the cap are closed at accept.
-        "    stick-table type ipv6 size 64k expire 60s store conn_cur",
+        f"    stick-table type ipv6 size {TABLE_SIZE} expire 60s store conn_cur",
         "    tcp-request connection track-sc0 src",
-        f"    tcp-request connection reject if {{ sc0_conn_cur gt {PER_SOURCE_CONNECTIONS} }}",
+        f"    tcp-request connection reject if {{ sc0_conn_cur gt {limits.max_conn_per_source} }}",
         f"{deny} 405 unless {{ method {' '.join(ALLOWED_METHODS)} }}",
         # haproxy's H1 parser takes `GET / HTTP/2.0` as a request; the builtin engine refuses it,
         # and so must this one (found by the attack suite's fuzzing).
@@ -143,6 +189,7 @@ def _frontend(spec: FrontSpec) -> list[str]:
         f"{deny} 400 if {{ req.hdr(transfer-encoding) -m found }}",
         # Every PUT: a metadata server may route /LATEST//api/%74oken/ to the token, too.
         f"{deny} 403 if {{ method PUT }} {{ req.hdr(x-forwarded-for) -m found }}",
+        *_rate_rules(spec, limits.rate_limit),
         f"    http-request del-header {IDENTITY_HEADER_PATTERN} -m reg",
         f"    http-request del-header (?i)^(?!({allowed})$) -m reg",
         f"    http-request set-header {spec.identity.header} {spec.identity.id}",
@@ -166,7 +213,8 @@ def render_config(spec: FrontSpec, settings: RenderSettings | None = None) -> st
         [header],
         _global(spec, settings),
         _defaults(spec, settings),
-        _frontend(spec),
+        _frontend(spec, settings.limits),
         _backend(spec),
+        *_rate_tables(spec, settings.limits.rate_limit),
     ]
     return "\n\n".join("\n".join(s) for s in sections) + "\n"

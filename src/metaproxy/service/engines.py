@@ -62,6 +62,10 @@ def create(cfg: Config) -> FrontEngine:
         from metaproxy.service.haproxy_engine import HaproxyEngine
 
         return HaproxyEngine.from_config(cfg)
-    from metaproxy.front.builtin import BuiltinFront
+    from metaproxy.front.builtin import BuiltinFront, EngineOptions
 
-    return BuiltinEngine(BuiltinFront(), drain=cfg.service.drain_timeout)
+    limits = cfg.limits
+    options = EngineOptions(
+        max_conn_per_source=limits.max_conn_per_source, rate_limit=limits.rate_limit
+    )
+    return BuiltinEngine(BuiltinFront(options), drain=cfg.service.drain_timeout)

@@ -15,6 +15,7 @@ import io
 import logging
 import signal
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,9 @@ class HaproxyEngine:
 
     @classmethod
     def from_config(cls, cfg: Config) -> HaproxyEngine:
-        settings = hx.HaproxySettings.from_mapping(cfg.section("haproxy"), {})
+        settings = replace(
+            hx.HaproxySettings.from_mapping(cfg.section("haproxy"), {}), limits=cfg.limits
+        )
         # SIGUSR1 is haproxy's soft stop: it closes its listener and exits once the requests in
         # flight are answered; SIGTERM (hard stop) follows after drain_timeout.
         drain = Drain(signal.SIGUSR1, cfg.service.drain_timeout)

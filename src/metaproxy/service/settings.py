@@ -1,7 +1,8 @@
 """The host service's own config slices and the composed `Config` that `metaproxy up` runs on.
 
 Sections owned here: [service], [front] (defaults for every front), [[network]] / [[router]]
-(fronts declared in the file). The roles' sections ([agent], [metadata], [store], [haproxy]) are
+(fronts declared in the file), [metadata_rate_limiting] (Neutron's per-source rate limits, for
+both engines). The roles' sections ([agent], [metadata], [store], [haproxy]) are
 kept as their tables and handed to each role's own `from_mapping` where it builds its slice,
 so this module never duplicates another role's validation.
 
@@ -38,6 +39,7 @@ from metaproxy.config import (
     validate_netns,
 )
 from metaproxy.errors import ConfigError
+from metaproxy.front.ratelimit import MAX_CONN_PER_SOURCE, RateLimitConfig, SourceLimits
 
 Engine = Literal["builtin", "haproxy"]
 ENGINES: tuple[Engine, ...] = ("builtin", "haproxy")
@@ -163,6 +165,7 @@ class FrontDefaults:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body: int = 64 * 1024
     maxconn: int = 1024
+    max_conn_per_source: int = MAX_CONN_PER_SOURCE
     # Namespace names for fronts that do not name one (e.g. networks from the store): Neutron's
     # DHCP/L3 agents use these; OVN's metadata agent uses "ovnmeta-{id}".
     network_netns: str = "qdhcp-{id}"
@@ -220,6 +223,12 @@ class Config:
     fronts: tuple[FrontEntry, ...]
     sections: Mapping[str, Mapping[str, Any]]  # the roles' own tables: agent, metadata, ...
     source: Path | None = None
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+    @property
+    def limits(self) -> SourceLimits:
+        """The per-source limits every front enforces, whichever the engine."""
+        return SourceLimits(self.front.max_conn_per_source, self.rate_limit)
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name, {}))
@@ -342,7 +351,12 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
         timeouts=Timeouts(**timeouts),
         max_body=_take(table, "front", "max_body", int, 64 * 1024),
         maxconn=_take(table, "front", "maxconn", int, 1024),
+        max_conn_per_source=_take(table, "front", "max_conn_per_source", int, MAX_CONN_PER_SOURCE),
     )
+    try:
+        SourceLimits(defaults.max_conn_per_source)
+    except ConfigError as exc:
+        raise ConfigError(f"front.{exc}", key="front.max_conn_per_source") from None
     _reject_unknown(table, "front")
     return defaults
 
@@ -419,7 +433,9 @@ def _entries(doc: Mapping[str, Any], defaults: FrontDefaults) -> tuple[FrontEntr
     return tuple(entries)
 
 
-KNOWN_SECTIONS = frozenset({"service", "front", "network", "router", *ROLE_SECTIONS})
+# Neutron's section name and option names, for the per-source request rate limits.
+RATE_SECTION = "metadata_rate_limiting"
+KNOWN_SECTIONS = frozenset({"service", "front", "network", "router", RATE_SECTION, *ROLE_SECTIONS})
 
 
 def compose(doc: Mapping[str, Any], environ: Mapping[str, str], source: Path | None) -> Config:
@@ -429,7 +445,7 @@ def compose(doc: Mapping[str, Any], environ: Mapping[str, str], source: Path | N
         raise ConfigError(f"[{unknown[0]}]: unknown section", key=unknown[0])
     tables = {
         name: {**_table(doc, name), **env_overrides(environ, name)}
-        for name in ("service", "front", *ROLE_SECTIONS)
+        for name in ("service", "front", RATE_SECTION, *ROLE_SECTIONS)
     }
     front = _front_defaults(tables["front"])
     return Config(
@@ -438,6 +454,7 @@ def compose(doc: Mapping[str, Any], environ: Mapping[str, str], source: Path | N
         fronts=_entries(doc, front),
         sections={name: tables[name] for name in ROLE_SECTIONS},
         source=source,
+        rate_limit=RateLimitConfig.from_mapping(tables[RATE_SECTION], section=RATE_SECTION),
     )
 
 
@@ -472,6 +489,7 @@ def describe(cfg: Config) -> dict[str, Any]:
         "group": cfg.front.group,
         "max_body": cfg.front.max_body,
         "maxconn": cfg.front.maxconn,
+        "max_conn_per_source": cfg.front.max_conn_per_source,
         "network_netns": cfg.front.network_netns,
         "router_netns": cfg.front.router_netns,
         **{f"timeout_{f.name}": getattr(cfg.front.timeouts, f.name) for f in fields(Timeouts)},
@@ -492,6 +510,10 @@ def describe(cfg: Config) -> dict[str, Any]:
         "service": service,
         "front": front,
         "fronts": fronts,
+        RATE_SECTION: {
+            f.name: list(v) if isinstance(v := getattr(cfg.rate_limit, f.name), tuple) else v
+            for f in fields(RateLimitConfig)
+        },
         **sections,
     }
 
