@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import re
+import socket
 import sys
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,57 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def setup(level: str = "INFO", *, stream: object = None) -> None:
-    """Configure the root logger once: stderr, one line per event, secrets redacted."""
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(_FORMAT))
+SYSLOG_SOCKET = "/dev/log"
+_SYSLOG_FORMAT = "metaproxy[%(process)d]: %(levelname)s %(name)s: %(message)s"
+
+
+def setup(
+    level: str = "INFO",
+    *,
+    stream: object = None,
+    target: str = "stderr",
+    syslog_address: str = SYSLOG_SOCKET,
+) -> None:
+    """Configure the root logger: one line per event to stderr, or to the local syslog socket
+    (facility daemon) with target "syslog"; secrets are redacted either way.
+
+    When the syslog socket cannot be reached, logging goes to stderr and says why in its first
+    line: a service must not start blind, nor refuse to start over its log.
+    """
+    problem = None
+    handler: logging.Handler
+    if target == "syslog":
+        # SysLogHandler swallows a failed connect and then drops every line: probe first.
+        problem = _unreachable(syslog_address)
+        if problem is None:
+            handler = logging.handlers.SysLogHandler(
+                address=syslog_address, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+            )
+            handler.setFormatter(logging.Formatter(_SYSLOG_FORMAT))
+    if target != "syslog" or problem is not None:
+        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+        handler.setFormatter(logging.Formatter(_FORMAT))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    if problem is not None:
+        log.warning("%s", problem)
+
+
+def _unreachable(address: str) -> str | None:
+    """Why the syslog socket at `address` cannot take lines, or None when it can."""
+    error: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(address)
+            except OSError as exc:
+                error = error or exc
+            else:
+                return None
+    reason = error.strerror if error is not None and error.strerror else str(error)
+    return f"syslog socket {address}: {reason}; logging to stderr"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -75,12 +74,7 @@ def effective_config(args: argparse.Namespace, *, demo_state: Path | None = None
 
 def _setup_logging(cfg: Config, cli_level: str) -> None:
     level = cli_level if cli_level != "INFO" else cfg.service.log_level
-    logsetup.setup(level)
-    if cfg.service.log_target == "syslog" and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("metaproxy[%(process)d]: %(name)s: %(message)s"))
-        handler.addFilter(logsetup.RedactingFilter())
-        logging.getLogger().addHandler(handler)
+    logsetup.setup(level, target=cfg.service.log_target)
 
 
 def run(args: argparse.Namespace) -> int:
