@@ -10,6 +10,7 @@ SYSTEM_PACKAGES=(
   wrk            # load generator for the benchmarks
   procps psmisc  # ps/pgrep/fuser used by tests to check nothing is left behind
   sqlite3        # inspecting the store in tests
+  systemd        # systemd-analyze verify for the units in contrib/ (already on most hosts)
   python3        # Debian's python, which runs cloud-init's readers
   python3-venv
 )
