@@ -10,14 +10,12 @@ restarts the whole agent — a half-dead agent that keeps its socket would hide 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from metaproxy import forking
 from metaproxy.agent.config import AgentConfig
 from metaproxy.agent.listener import Listener
 from metaproxy.agent.server import listen, serve
@@ -44,7 +42,7 @@ def run_workers(config: AgentConfig, open_store: OpenStore, run_loop: RunLoop) -
         log.info("metadata agent: %d workers %s", len(children), sorted(children))
         status = _supervise(children)
     finally:
-        _stop(children)
+        forking.stop(children, STOP_TIMEOUT, label="metadata agent worker")
         listener.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return status
@@ -57,24 +55,16 @@ def _fork(
     run_loop: RunLoop,
     mask: set[int | signal.Signals],
 ) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    def main() -> int:
         # Each worker opens its own store: an SQLite connection must not cross a fork.
         store = open_store()
         try:
             run_loop(worker_main(config, store, listener))
         finally:
             store.close()
-        code = 0
-    except BaseException:
-        log.exception("metadata agent worker %d failed", os.getpid())
-    finally:
-        logging.shutdown()
-        os._exit(code)
+        return 0
+
+    return forking.fork(main, mask, label="metadata agent worker")
 
 
 async def worker_main(config: AgentConfig, store: SqliteStore, listener: Listener | None) -> None:
@@ -97,42 +87,6 @@ def _supervise(children: set[int]) -> int:
         if info.si_signo != signal.SIGCHLD:
             log.info("metadata agent: signal %d, stopping the workers", info.si_signo)
             return 0
-        for pid, how in _reap(children):
+        for pid, how in forking.reap(children):
             log.error("metadata agent worker %d exited (%s): stopping the agent", pid, how)
             return 1
-
-
-def _reap(children: set[int]) -> list[tuple[int, str]]:
-    gone = []
-    while children:
-        try:
-            pid, wstatus = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            break
-        children.discard(pid)
-        if os.WIFSIGNALED(wstatus):
-            gone.append((pid, f"signal {os.WTERMSIG(wstatus)}"))
-        else:
-            gone.append((pid, f"status {os.waitstatus_to_exitcode(wstatus)}"))
-    return gone
-
-
-def _stop(children: set[int]) -> None:
-    """SIGTERM every worker, wait up to STOP_TIMEOUT, then SIGKILL the rest."""
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while children and time.monotonic() < deadline:
-        _reap(children)
-        if children:
-            signal.sigtimedwait({signal.SIGCHLD}, 0.2)
-    for pid in children:
-        log.error("metadata agent worker %d ignored SIGTERM: killing it", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-    children.clear()
