@@ -6,10 +6,14 @@ Addresses are link-local only (169.254.0.0/16): tests never touch private or pub
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -179,3 +183,57 @@ def netns_pair(tag: str | None = None, inst_ip: str = "169.254.10.2") -> Iterato
         yield pair
     finally:
         delete_pair(pair)
+
+
+def _enter(ns: str) -> None:
+    """setns(2) the calling thread into /run/netns/NS (Python 3.11 has no os.setns)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+    finally:
+        os.close(fd)
+
+
+def _sockaddr(address: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """`address` may be IPv6 with a scope (`fe80::2%eth0`), resolved in this namespace."""
+    if ":" not in address:
+        return (address, port)
+    host, _, scope = address.partition("%")
+    return (host, port, 0, socket.if_nametoindex(scope) if scope else 0)
+
+
+def connect_from(
+    ns: str, source: str, host: str, port: int, *, timeout: float = 10
+) -> socket.socket:
+    """A TCP connection made inside namespace `ns` from address `source` (blocking, timeout).
+
+    A short-lived thread enters the namespace; the socket keeps it after the thread ends.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    outcome: list[socket.socket | BaseException] = []
+
+    def work() -> None:
+        try:
+            _enter(ns)  # first: a socket belongs to the namespace it is created in
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+            return
+        try:
+            sock.settimeout(timeout)
+            sock.bind(_sockaddr(source, 0))
+            sock.connect(_sockaddr(host, port))
+            outcome.append(sock)
+        except BaseException as exc:  # handed to the caller
+            sock.close()
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -14,6 +14,7 @@ receives a packet. Callers that must start before the address exists may ask for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -21,8 +22,10 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from metaproxy.errors import ConfigError, NamespaceError
 
@@ -33,6 +36,7 @@ IPV6_FREEBIND = 78
 BACKLOG = 1024
 
 _libc: ctypes.CDLL | None = None
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,13 @@ def _setns(netns: str) -> None:
 
 def _bind(spec: ListenSpec) -> socket.socket:
     """Create, bind and listen in the calling thread's namespace."""
+    sock = _bound(spec)
+    _listen(spec, sock)
+    return sock
+
+
+def _bound(spec: ListenSpec, *, reuseport: bool = False) -> socket.socket:
+    """Create and bind (not listen yet) in the calling thread's namespace."""
     address = ipaddress.ip_address(spec.address)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sockaddr: tuple[str, int] | tuple[str, int, int, int]
@@ -91,8 +102,10 @@ def _bind(spec: ListenSpec) -> socket.socket:
     else:
         sockaddr = (spec.address, spec.port)
     sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+    with _unbindable(spec, sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if spec.freebind:
@@ -105,8 +118,20 @@ def _bind(spec: ListenSpec) -> socket.socket:
         if spec.interface and family == socket.AF_INET:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec.interface.encode())
         sock.bind(sockaddr)
+    return sock
+
+
+def _listen(spec: ListenSpec, sock: socket.socket) -> None:
+    with _unbindable(spec, sock):
         sock.listen(spec.backlog)
         sock.setblocking(False)
+
+
+@contextlib.contextmanager
+def _unbindable(spec: ListenSpec, sock: socket.socket) -> Iterator[None]:
+    """Close `sock` and raise ConfigError when the body fails with OSError."""
+    try:
+        yield
     except OSError as exc:
         sock.close()
         where = f" in namespace {spec.netns!r}" if spec.netns else ""
@@ -114,7 +139,6 @@ def _bind(spec: ListenSpec) -> socket.socket:
         raise ConfigError(
             f"cannot listen on {_show(spec)}{where}: {exc.strerror}{hint}", key="bind_address"
         ) from exc
-    return sock
 
 
 def _show(spec: ListenSpec) -> str:
@@ -130,18 +154,50 @@ def open_listener(spec: ListenSpec) -> socket.socket:
     Raises NamespaceError (namespace missing or not enterable) or ConfigError (unbindable).
     Blocks the caller briefly; from asyncio use `open_listener_async`.
     """
-    if spec.netns is None:
-        return _bind(spec)
-    result: list[socket.socket | BaseException] = []
+    return _in_namespace(spec.netns, lambda: _bind(spec))
 
-    def work() -> None:
+
+def open_listeners(
+    spec: ListenSpec, count: int, prepare: Callable[[list[socket.socket]], None]
+) -> list[socket.socket]:
+    """`count` listening sockets on one address as one SO_REUSEPORT group, in group order.
+
+    `prepare(sockets)` runs once all are bound and before any listens (where a steering
+    program is attached: no connection reaches the group before it is steered). The group's
+    order is the order of listen(2), which is the order of the list. All or nothing.
+    """
+
+    def make() -> list[socket.socket]:
+        sockets: list[socket.socket] = []
         try:
-            _setns(spec.netns)  # type: ignore[arg-type]
-            result.append(_bind(spec))
+            for _ in range(count):
+                sockets.append(_bound(spec, reuseport=True))
+            prepare(sockets)
+            for sock in sockets:
+                _listen(spec, sock)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+    return _in_namespace(spec.netns, make)
+
+
+def _in_namespace(netns: str | None, work: Callable[[], _T]) -> _T:
+    """`work()` in a new thread that entered `netns` first (here when None); its result."""
+    if netns is None:
+        return work()
+    result: list[_T | BaseException] = []
+
+    def run() -> None:
+        try:
+            _setns(netns)
+            result.append(work())
         except BaseException as exc:  # handed to the caller's thread below
             result.append(exc)
 
-    thread = threading.Thread(target=work, name=f"netns-{spec.netns}", daemon=True)
+    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
     thread.start()
     thread.join()
     outcome = result[0]
