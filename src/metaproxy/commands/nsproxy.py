@@ -134,6 +134,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     builtin = parser.add_argument_group("builtin engine")
     _flag(builtin, "log_file", metavar="PATH", type=Path, help="detached: append logs here")
+    _flag(
+        builtin,
+        "workers",
+        metavar="N",
+        type=int,
+        help="serve with N processes, 1 to 64 (default 1: one process). More use more cores "
+        "for a busy network, at the cost of one process's memory each: a parent (root) keeps "
+        "N listening sockets, and the kernel sends every connection from one source address "
+        "to the same worker, so the per-source connection cap and rate limit stay exact "
+        "(loopback clients, never instances, are spread by source port: their limits apply "
+        "per worker). The network's maxconn is split: each worker takes at most "
+        "ceil(maxconn/N), never more than maxconn in all. One instance still gets one core",
+    )
 
     limits = parser.add_argument_group(
         "per-source limits (both engines)",
@@ -208,6 +221,10 @@ def spec_from_args(args: argparse.Namespace) -> FrontSpec:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.engine == "haproxy":
+        if (args.workers or 1) != 1:
+            from metaproxy.errors import ConfigError
+
+            raise ConfigError("--workers is for the builtin engine", key="workers")
         from metaproxy.haproxy import engine as haproxy_engine
 
         if args.destroy:

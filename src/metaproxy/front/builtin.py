@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import cast
@@ -414,8 +415,12 @@ class BuiltinFront:
         address = server.sockets[0].getsockname()
         return str(address[0]), int(address[1])
 
-    async def add(self, spec: FrontSpec) -> None:
-        """Start serving `spec`; raises NamespaceError / ConfigError for this front only."""
+    async def add(self, spec: FrontSpec, *, sock: socket.socket | None = None) -> None:
+        """Start serving `spec`; raises NamespaceError / ConfigError for this front only.
+
+        `sock`, when given, is the listener to serve (already listening where `spec` says,
+        e.g. one worker's socket of a reuseport group); the engine owns it from then on.
+        """
         if spec.name in self._fronts:
             raise ConfigError(f"{spec.name} is already served", key="identity")
         listen = ListenSpec(
@@ -426,7 +431,8 @@ class BuiltinFront:
             freebind=self.options.freebind,
             backlog=min(spec.maxconn, 4096),
         )
-        sock = await open_listener_async(listen)
+        if sock is None:
+            sock = await open_listener_async(listen)
         front = _Front(spec, self._pool(spec), self.options, RateLimiter(self.options.rate_limit))
         try:
             # create_server(sock=...) calls listen() again, with 100 unless told: a boot storm

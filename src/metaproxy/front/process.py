@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import select
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn, Protocol
 
 from metaproxy import errors
 from metaproxy.config import FrontSpec
@@ -30,6 +32,7 @@ from metaproxy.service import pidfile
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+MAX_WORKERS = 64
 STOP_TIMEOUT = 10.0
 
 
@@ -54,6 +57,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
     """Serve `spec` detached (default) or in the foreground; see the module docstring."""
     options = engine_options(args)
+    count = worker_count(args)
     path = pid_path(spec)
     files.ensure_private_dir(spec.state_path)
     if not path.parent.exists():
@@ -61,9 +65,26 @@ def run_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
     running = _find_ours(path, spec)
     if running is not None:
         raise ProcessError(f"{spec.name} is already served by pid {running} ({path})")
+    serve: Serve = _serve
+    if count > 1:
+        from metaproxy.front import workers
+
+        serve = functools.partial(workers.serve_group, count)
     if getattr(args, "foreground", False):
-        return _serve(spec, options, path, ready=_Ready(None), log_file=None)
-    return _detach(spec, options, path, getattr(args, "log_file", None))
+        return serve(spec, options, path, ready=Ready(None), log_file=None)
+    return _detach(spec, options, path, getattr(args, "log_file", None), serve)
+
+
+def worker_count(args: argparse.Namespace) -> int:
+    """`--workers`, checked: 1 (the default, one process) to MAX_WORKERS."""
+    count = getattr(args, "workers", None)
+    if count is None:
+        return 1
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(
+            f"--workers must be between 1 and {MAX_WORKERS}, not {count}", key="workers"
+        )
+    return int(count)
 
 
 def destroy_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
@@ -82,7 +103,7 @@ def destroy_ns_proxy(spec: FrontSpec, args: argparse.Namespace) -> int:
 # -- detaching -------------------------------------------------------------------------------
 
 
-class _Ready:
+class Ready:
     """The child's end of the readiness pipe: one message, then closed (never written twice)."""
 
     def __init__(self, fd: int | None) -> None:
@@ -99,42 +120,69 @@ class _Ready:
         finally:
             os.close(fd)
 
+    def discard(self) -> None:
+        """Close this end unwritten (a forked worker must not hold its parent's pipe open)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
-def _detach(spec: FrontSpec, options: EngineOptions, path: Path, log_file: Path | None) -> int:
+
+class Serve(Protocol):
+    """What serves a front in the process that runs it (one loop, or a group of workers)."""
+
+    def __call__(
+        self,
+        spec: FrontSpec,
+        options: EngineOptions,
+        path: Path,
+        *,
+        ready: Ready,
+        log_file: Path | None,
+    ) -> int: ...
+
+
+def _detach(
+    spec: FrontSpec, options: EngineOptions, path: Path, log_file: Path | None, serve: Serve
+) -> int:
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: becomes the front
         os.close(read_fd)
-        ready = _Ready(write_fd)
+        ready = Ready(write_fd)
         code = 1
         try:
             os.setsid()
-            code = _serve(spec, options, path, ready=ready, log_file=log_file)
+            code = serve(spec, options, path, ready=ready, log_file=log_file)
         except BaseException as exc:  # reported to the parent; the child must never return
-            ready.send(_describe(exc))
+            ready.send(describe(exc))
             log.error("%s: %s", spec.name, exc)
         finally:
             os._exit(code)
     os.close(write_fd)
     try:
-        message = _await_ready(read_fd, pid)
+        message = await_ready(read_fd, pid)
     finally:
         os.close(read_fd)
     if message.startswith("ok"):
         log.info("%s: serving, pid %d (pidfile %s)", spec.name, pid, path)
         return 0
     os.waitpid(pid, 0)
+    raise_reported(message, f"{spec.name}: the front exited before serving")
+
+
+def raise_reported(message: str, default: str) -> NoReturn:
+    """Raise the error a child reported over its readiness pipe (see `describe`)."""
     kind, _, text = message.partition(":")
     if kind == "ConfigError":
         raise ConfigError(text)
     if kind == "NamespaceError":
         raise errors.NamespaceError(text)
-    raise ProcessError(text or f"{spec.name}: the front exited before serving")
+    raise ProcessError(text or default)
 
 
-def _await_ready(fd: int, pid: int) -> str:
+def await_ready(fd: int, pid: int) -> str:
     deadline = time.monotonic() + READY_TIMEOUT
     data = b""
     while time.monotonic() < deadline:
@@ -155,13 +203,13 @@ def _await_ready(fd: int, pid: int) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     kind = type(exc).__name__ if isinstance(exc, MetaproxyError) else "ProcessError"
     text = str(exc).replace("\n", " ") or type(exc).__name__
     return f"{kind}:{text}"
 
 
-def _quiet_stdio(log_file: Path | None) -> None:
+def quiet_stdio(log_file: Path | None) -> None:
     """Detached: stdin from /dev/null, output to the log file or nowhere (never the caller's
     pipes, which would keep a capturing caller waiting for our exit)."""
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -184,7 +232,7 @@ def _serve(
     options: EngineOptions,
     path: Path,
     *,
-    ready: _Ready,
+    ready: Ready,
     log_file: Path | None,
 ) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -192,7 +240,7 @@ def _serve(
 
 
 async def _main(
-    spec: FrontSpec, options: EngineOptions, path: Path, ready: _Ready, log_file: Path | None
+    spec: FrontSpec, options: EngineOptions, path: Path, ready: Ready, log_file: Path | None
 ) -> int:
     engine = BuiltinFront(options)
     stop = asyncio.Event()
@@ -206,7 +254,7 @@ async def _main(
         dropped = drop_privileges(spec.user, spec.group)
         if ready.fd is not None:
             ready.send(f"ok {os.getpid()}")
-            _quiet_stdio(log_file)
+            quiet_stdio(log_file)
         await stop.wait()
         log.info("%s: stopping", spec.name)
     finally:
