@@ -19,7 +19,9 @@ import pytest
 
 from support import cli
 
-ENGINES = ["haproxy", "builtin"]
+ENGINES = ["haproxy", "builtin", "builtin-workers"]
+# Pseudo-engines: an engine run with more flags (the contract must hold for every variant).
+VARIANTS = {"builtin-workers": ("builtin", ("--workers", "2"))}
 
 
 def engine_param(engine: str) -> object:
@@ -33,6 +35,15 @@ def engine_param(engine: str) -> object:
 
 
 ENGINE_PARAMS = [engine_param(e) for e in ENGINES]
+
+
+def skip_if_loopback_is_spread(engine: str) -> None:
+    """Skip a per-source limit test that plays instances with loopback addresses on a variant
+    whose workers spread loopback clients by port (there the limits apply per worker, by
+    design). tests/system/test_front_workers.py proves the limits across workers with real
+    instance sources in a namespace."""
+    if engine == "builtin-workers":
+        pytest.skip("--workers spreads loopback sources over workers (see test_front_workers)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,6 +85,7 @@ def ns_proxy_args(
     netns: str | None = None,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
+    engine, more = VARIANTS.get(engine, (engine, ()))
     args = [
         "ns-proxy",
         "--engine",
@@ -93,7 +105,7 @@ def ns_proxy_args(
         args += ["--metadata_port", str(port)]
     if netns:
         args += ["--netns", netns]
-    return args + list(extra)
+    return args + list(more) + list(extra)
 
 
 @contextlib.contextmanager
