@@ -46,6 +46,7 @@ class Front:
 
 LABELS = {
     "builtin": "metaproxy builtin",
+    "builtin-2w": "metaproxy builtin, 2 workers",
     "haproxy-engine": "metaproxy haproxy engine",
     "haproxy-neutron": "haproxy, Neutron config",
     "haproxy-keepalive": "haproxy, keep-alive tuned",
@@ -53,14 +54,23 @@ LABELS = {
 
 
 def start_engine(
-    ctx: Context, engine: str, upstream: Path, *, network_id: str, tag: str = ""
+    ctx: Context,
+    engine: str,
+    upstream: Path,
+    *,
+    network_id: str,
+    tag: str = "",
+    workers: int = 1,
 ) -> Front:
-    """`metaproxy ns-proxy --engine ENGINE --foreground` on 127.0.0.1 with a free port."""
+    """`metaproxy ns-proxy --engine ENGINE --foreground` on 127.0.0.1 with a free port
+    (`--workers N` when workers > 1: the CPU then counts the parent and every worker)."""
     name = "builtin" if engine == "builtin" else "haproxy-engine"
+    if workers > 1:
+        name = f"{name}-{workers}w"
     front = Front(name, LABELS[name])
     try:
         front.port = free_port()
-        tag = tag or engine
+        tag = tag or (engine if workers == 1 else name)
         state = ctx.workdir / f"state-{tag}"
         argv = [
             *metaproxy_argv(),
@@ -82,6 +92,7 @@ def start_engine(
             str(state),
             "--pid_file",
             str(state / "front.pid"),
+            *(["--workers", str(workers)] if workers > 1 else []),
         ]
         front.child = ctx.track(Child(f"front-{tag}", argv, ctx.workdir))
         wait_until(f"{engine} front", tcp_ready("127.0.0.1", front.port), 30, front.child)

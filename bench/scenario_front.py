@@ -1,4 +1,4 @@
-"""Scenario 1, front only: wrk → front → nginx on a Unix socket, four fronts interleaved."""
+"""Scenario 1, front only: wrk → front → nginx on a Unix socket, five fronts interleaved."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def run(ctx: Context) -> ScenarioResult:
     ctx.track(nginx)
     all_fronts = [
         fronts.start_engine(ctx, "builtin", backend, network_id=systems.NETWORK_ID),
+        fronts.start_engine(ctx, "builtin", backend, network_id=systems.NETWORK_ID, workers=2),
         fronts.start_engine(ctx, "haproxy", backend, network_id=systems.NETWORK_ID),
         fronts.start_reference(ctx, "neutron", backend),
         fronts.start_reference(ctx, "keepalive", backend),
