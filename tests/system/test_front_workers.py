@@ -182,6 +182,26 @@ def test_per_source_cap_holds_across_workers(front: Front, pair: netns.Pair) -> 
             sock.close()
 
 
+def test_rate_limit_holds_across_workers(
+    pair: netns.Pair, short_tmp: Path, recorder: Recorder
+) -> None:
+    """Neutron's rate limit, counted by the one worker an instance always reaches."""
+    extra = ("--workers", "2", "--rate_limit_enabled", "--base_window_duration", "60")
+    extra += ("--base_query_rate_limit", "3", "--burst_query_rate_limit", "100")
+    with running_front(
+        "builtin",
+        short_tmp / "state",
+        recorder.path,
+        host=netns.METADATA_IP,
+        netns=pair.net_ns,
+        extra=extra,
+    ):
+        statuses = [_get(pair, SOURCES[0])[9:12] for _ in range(6)]
+        other = _get(pair, SOURCES[1])[9:12]
+    assert statuses == [b"200"] * 3 + [b"429"] * 3
+    assert other == b"200"
+
+
 def test_a_killed_worker_is_replaced_without_failing_another_source(
     front: Front, pair: netns.Pair
 ) -> None:

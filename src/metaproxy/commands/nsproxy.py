@@ -221,7 +221,7 @@ def spec_from_args(args: argparse.Namespace) -> FrontSpec:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.engine == "haproxy":
-        if (args.workers or 1) != 1:
+        if args.workers not in (None, 1):
             from metaproxy.errors import ConfigError
 
             raise ConfigError("--workers is for the builtin engine", key="workers")
