@@ -89,15 +89,19 @@ def test_loopback_clients_are_spread_over_the_workers(
     parent, port, _ = detached
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(24)]
     try:
-        time.sleep(0.3)
-        out = subprocess.run(
-            ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-        serving = {int(p) for p in re.findall(r"pid=(\d+)", out)}
+        deadline = time.monotonic() + 15
+        while True:  # a connection still in the accept queue shows no pid yet
+            out = subprocess.run(
+                ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
+            serving = {int(p) for p in re.findall(r"pid=(\d+)", out)}
+            if serving == set(_children(parent)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert serving == set(_children(parent)), out
     finally:
         for sock in held:
