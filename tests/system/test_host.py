@@ -230,17 +230,15 @@ def test_recreated_namespace_is_served_again(stack: Stack) -> None:
     wait_for(lambda: stack.serves(network_id), 15, "the front to serve the new namespace")
 
 
-# A builtin front is a listener in the service's own process, not a process to kill: its
-# "broken listener" case is test_recreated_namespace_is_served_again.
-@pytest.mark.parametrize("stack", [HAPROXY], indirect=True)
-def test_killed_haproxy_is_respawned(stack: Stack) -> None:
+def test_killed_front_process_is_respawned(stack: Stack) -> None:
+    """haproxy, or the builtin engine's front worker (service/frontworkers.py)."""
     network_id = next(iter(stack.instances))
     pid = stack.front(network_id)["pid"]
     os.kill(pid, signal.SIGKILL)
     wait_for(
         lambda: stack.front(network_id)["pid"] not in (None, pid) and stack.serves(network_id),
         5,
-        "haproxy to be respawned and serve",
+        "the front process to be respawned and serve",
     )
     assert stack.front(network_id)["respawns"] == 1
 

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 from pathlib import Path
 
 from metaproxy.agent.config import AgentConfig
@@ -25,7 +26,7 @@ from metaproxy.agent.lookup import NotFound, PortRegistry, Registry
 from metaproxy.agent.protocol import AgentProtocol, Request
 from metaproxy.agent.upstream import Reply, Upstream, generic_body
 from metaproxy.config import resolve_group
-from metaproxy.errors import ClientProtocolError
+from metaproxy.errors import ClientProtocolError, UpstreamError
 from metaproxy.metadata.records import PortDirectory
 
 log = logging.getLogger(__name__)
@@ -72,18 +73,10 @@ class AgentServer:
         try:
             await self.upstream.start()
 
-            def factory() -> AgentProtocol:
-                return AgentProtocol(
-                    self._answer,
-                    self._connections,
-                    max_head=cfg.max_head,
-                    max_body=cfg.max_body,
-                )
-
             # asyncio calls listen() again on a given socket: pass the backlog, or its
             # default (100) silently replaces ours.
             server = await asyncio.get_running_loop().create_unix_server(
-                factory, sock=listener.sock, backlog=cfg.backlog
+                self._protocol, sock=listener.sock, backlog=cfg.backlog
             )
         except BaseException:
             if self._owns_listener:
@@ -97,6 +90,20 @@ class AgentServer:
             cfg.socket_path,
             cfg.upstream.url,
         )
+
+    def _protocol(self) -> AgentProtocol:
+        cfg = self.config
+        return AgentProtocol(
+            self._answer, self._connections, max_head=cfg.max_head, max_body=cfg.max_body
+        )
+
+    async def accept(self, sock: socket.socket) -> None:
+        """Serve one already-connected stream socket as if it had come through the listener
+        (a front worker's connection, made by the manager with socketpair())."""
+        if self._server is None:
+            sock.close()
+            raise UpstreamError("the agent is not serving", status_hint=503)
+        await asyncio.get_running_loop().connect_accepted_socket(self._protocol, sock)
 
     async def stop(self) -> None:
         """Stop serving, close the upstream pool and remove the socket file."""

@@ -20,6 +20,7 @@ from metaproxy.service.settings import Config
 
 if TYPE_CHECKING:
     from metaproxy.metadata.store import SqliteStore
+    from metaproxy.service.zygote import Zygote
 
 NAME = "up"
 HELP = "run the host stack: embedded metadata server, agent and every network's front"
@@ -82,12 +83,18 @@ def run(args: argparse.Namespace) -> int:
     if args.demo and args.state_path is None and args.config is None:
         # A demo must not write into a real deployment's state: it gets its own, removed at stop.
         demo_state = Path(tempfile.mkdtemp(prefix="metaproxy-demo-"))
+    # Before the config (and the shared secret in it) is read: front workers are forked from
+    # this process, so they never hold a copy of the secret (service/zygote.py).
+    from metaproxy.service.zygote import Zygote
+
+    zygote = Zygote.start()
     try:
         cfg = effective_config(args, demo_state=demo_state)
         _setup_logging(cfg, args.log_level)
         _install_uvloop()
-        return asyncio.run(_main(cfg, args))
+        return asyncio.run(_main(cfg, args, zygote))
     finally:
+        zygote.close()
         if demo_state is not None:
             shutil.rmtree(demo_state, ignore_errors=True)
 
@@ -100,7 +107,7 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _main(cfg: Config, args: argparse.Namespace) -> int:
+async def _main(cfg: Config, args: argparse.Namespace, zygote: Zygote | None = None) -> int:
     from metaproxy.security import files
     from metaproxy.service.host import Host, ensure_secret
 
@@ -123,7 +130,7 @@ async def _main(cfg: Config, args: argparse.Namespace) -> int:
             raise
         finally:
             demo_store.close()
-    host = Host(cfg, extra_fronts=extra, config_path=args.config, environ=os.environ)
+    host = Host(cfg, extra_fronts=extra, config_path=args.config, environ=os.environ, zygote=zygote)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, host.request_reload)

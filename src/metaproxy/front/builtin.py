@@ -29,7 +29,7 @@ from metaproxy.errors import ConfigError, UpstreamError
 from metaproxy.front.netns import ListenSpec, open_listener_async
 from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
 from metaproxy.http import policy, wire
-from metaproxy.http.client import UpstreamPool
+from metaproxy.http.client import Connector, UpstreamPool
 from metaproxy.http.policy import Refusal, UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -392,8 +392,11 @@ class _Connection(asyncio.Protocol):
 class BuiltinFront:
     """Every builtin front of this process, served from the running loop (see module doc)."""
 
-    def __init__(self, options: EngineOptions | None = None) -> None:
+    def __init__(
+        self, options: EngineOptions | None = None, *, connector: Connector | None = None
+    ) -> None:
         self.options = options or EngineOptions()
+        self.connector = connector
         self._fronts: dict[str, _Front] = {}
         self._pools: dict[tuple[str, float, float], UpstreamPool] = {}
 
@@ -418,19 +421,13 @@ class BuiltinFront:
     async def add(self, spec: FrontSpec, *, sock: socket.socket | None = None) -> None:
         """Start serving `spec`; raises NamespaceError / ConfigError for this front only.
 
-        `sock`, when given, is the listener to serve (already listening where `spec` says,
-        e.g. one worker's socket of a reuseport group); the engine owns it from then on.
+        `sock`, when given, is the listener to serve (already listening where `spec` says: one
+        worker's socket of a reuseport group, or one a front worker got from its manager, which
+        alone may enter namespaces); the engine owns it from then on.
         """
         if spec.name in self._fronts:
             raise ConfigError(f"{spec.name} is already served", key="identity")
-        listen = ListenSpec(
-            address=spec.bind_address,
-            port=spec.port,
-            netns=spec.netns,
-            interface=spec.interface,
-            freebind=self.options.freebind,
-            backlog=min(spec.maxconn, 4096),
-        )
+        listen = listen_spec(spec, freebind=self.options.freebind)
         if sock is None:
             sock = await open_listener_async(listen)
         front = _Front(spec, self._pool(spec), self.options, RateLimiter(self.options.rate_limit))
@@ -484,9 +481,24 @@ class BuiltinFront:
         key = (str(spec.upstream_socket), spec.timeouts.connect, spec.timeouts.server)
         pool = self._pools.get(key)
         if pool is None:
-            pool = UpstreamPool(key[0], connect_timeout=key[1], server_timeout=key[2])
+            pool = UpstreamPool(
+                key[0], connect_timeout=key[1], server_timeout=key[2], connector=self.connector
+            )
             self._pools[key] = pool
         return pool
+
+
+def listen_spec(spec: FrontSpec, *, freebind: bool = False) -> ListenSpec:
+    """Where and how the listener of `spec` is opened (by this engine or a front worker's
+    manager)."""
+    return ListenSpec(
+        address=spec.bind_address,
+        port=spec.port,
+        netns=spec.netns,
+        interface=spec.interface,
+        freebind=freebind,
+        backlog=min(spec.maxconn, 4096),
+    )
 
 
 def _with_close(response: bytes) -> bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,6 +23,9 @@ from metaproxy.errors import UpstreamError
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE = 16 * 1024 * 1024
+# Where a pool gets a connected socket when it does not connect to `path` itself (a front
+# worker without access to the agent's socket file asks its manager for one).
+Connector = Callable[[], Awaitable[socket.socket]]
 # Idle connections kept per socket: a boot storm keeps hundreds of requests in flight, and
 # closing most of them after a burst makes the next burst reconnect through the agent's accept.
 MAX_IDLE = 1024
@@ -173,9 +178,15 @@ class UpstreamPool:
     """Keep-alive connections to one Unix socket, reused across every front that shares it."""
 
     def __init__(
-        self, path: str, *, connect_timeout: float = 30.0, server_timeout: float = 32.0
+        self,
+        path: str,
+        *,
+        connect_timeout: float = 30.0,
+        server_timeout: float = 32.0,
+        connector: Connector | None = None,
     ) -> None:
         self.path = path
+        self.connector = connector
         self.connect_timeout = connect_timeout
         self.server_timeout = server_timeout
         self._idle: list[_Connection] = []
@@ -209,7 +220,15 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_unix_connection(lambda: _Connection(self), self.path)
+                if self.connector is not None:
+                    sock = await self.connector()
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Connection(self), sock=sock
+                    )
+                else:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Connection(self), self.path
+                    )
         except TimeoutError:
             raise UpstreamError("agent socket: connect timed out", status_hint=503) from None
         except OSError as exc:

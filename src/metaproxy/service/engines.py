@@ -16,7 +16,9 @@ from metaproxy.service.fronts import FrontEngine, FrontStats
 
 if TYPE_CHECKING:
     from metaproxy.front.builtin import BuiltinFront
+    from metaproxy.service.frontworkers import Accept
     from metaproxy.service.settings import Config
+    from metaproxy.service.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class BuiltinEngine:
         await self.front.close(drain=self.drain)
 
 
-def create(cfg: Config) -> FrontEngine:
-    """The engine `service.engine` names, built from its config section."""
+def create(
+    cfg: Config, *, zygote: Zygote | None = None, accept: Accept | None = None
+) -> FrontEngine:
+    """The engine `service.engine` names, built from its config section.
+
+    builtin: in a front worker (`[front] isolate`, the default) when `up` gave us its zygote
+    and the agent to serve the worker's connections; in this process otherwise.
+    """
     if cfg.service.engine == "haproxy":
         from metaproxy.service.haproxy_engine import HaproxyEngine
 
@@ -68,4 +76,18 @@ def create(cfg: Config) -> FrontEngine:
     options = EngineOptions(
         max_conn_per_source=limits.max_conn_per_source, rate_limit=limits.rate_limit
     )
+    if cfg.front.isolate and zygote is not None and accept is not None:
+        from metaproxy.service.frontworkers import WorkerEngine, worker_user
+
+        uid, gid = worker_user(cfg.front.user, cfg.front.group)
+        return WorkerEngine(
+            zygote,
+            accept,
+            options,
+            uid=uid,
+            gid=gid,
+            log_level=logging.getLevelName(logging.getLogger().level),
+            log_target=cfg.service.log_target,
+            drain=cfg.service.drain_timeout,
+        )
     return BuiltinEngine(BuiltinFront(options), drain=cfg.service.drain_timeout)

@@ -1,20 +1,20 @@
 """The manager behind `metaproxy up`: the host stack, its fronts, status, metrics and shutdown.
 
-Process layout — one asyncio process for the whole Python path, plus one haproxy per front when
-that engine is chosen:
-- The roles keep their own sockets (front → agent over a Unix socket, agent → metadata server
-  over another), so they stay separable, but they share one event loop (uvloop when installed).
-- Why not a process per role: (1) the launch contract — the only programs we start are validated
-  binaries; re-executing our own interpreter from a venv (often in a user-owned clone under
-  `sudo bash scripts/demo`) would either fail validation or need a hole in it; (2) every number
-  for status and metrics (front counters, agent lookups and cache hits, respawns) is in this
-  process, with no IPC to keep consistent; (3) on the 2-core hosts we benchmark, the load
-  generator (or the instances) need the other core: a second Python process on the path would
-  compete with them rather than add throughput, while the haproxy engine already spreads the
-  front's work across its own processes.
-- A front that crashes is an engine matter (haproxy: the supervisor respawns it; builtin: a
-  listener that fails is restarted by the next reconcile pass); the manager itself is restarted
-  by systemd (contrib/metaproxy.service, Restart=on-failure).
+Process layout:
+- The manager (this process, root): the store, the embedded metadata server and the agent (which
+  holds the shared secret) on one event loop (uvloop when installed), the reconcile loop, the
+  control and metrics sockets, and every listener, opened inside its namespace (setns).
+- The builtin fronts run in a front worker (service/frontworkers.py, front/worker.py): a process
+  forked from the zygote (service/zygote.py), which `up` forks before it reads the config, so
+  the process that parses guest traffic never holds the secret; it runs unprivileged, gets its
+  listeners and agent connections as file descriptors, and is respawned when it dies.
+  `[front] isolate = false` keeps the fronts in this process instead.
+- haproxy engine: one haproxy per front, started as a validated binary and supervised.
+- Processes are forked, never our own interpreter re-executed: the launch contract only starts
+  validated binaries, and a venv's python (often in a user-owned clone) is not one.
+- The agent and the server stay in the manager: every number for status and metrics (agent
+  lookups and cache hits, respawns) is here, and the front worker's counters come in over its
+  channel. The manager itself is restarted by systemd (contrib/metaproxy.service).
 
 Order: *start, then register* — store, metadata server, agent, fronts, then the control and
 metrics sockets; shutdown runs the reverse: stop answering control/metrics, stop the fronts
@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaproxy import __version__
 from metaproxy.config import FrontSpec
@@ -44,6 +44,10 @@ from metaproxy.service.fronts import FrontEngine, FrontSet
 from metaproxy.service.metrics import Family, MetricsServer
 from metaproxy.service.roles import Roles
 from metaproxy.service.settings import Config, FrontEntry, front_entry
+
+if TYPE_CHECKING:
+    from metaproxy.agent.server import AgentServer
+    from metaproxy.service.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,10 @@ class Host:
         extra_fronts: Sequence[FrontEntry] = (),
         config_path: Path | None = None,
         environ: Mapping[str, str] | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         self.cfg = cfg
+        self.zygote = zygote
         self._engine_factory = engine_factory
         self.extra_fronts = tuple(extra_fronts)
         self._config_path = config_path
@@ -106,7 +112,10 @@ class Host:
         files.ensure_private_dir(svc.state_path)
         claim_socket_path(svc.control_path)  # refuses early when another `up` runs here
         await self.roles.start()
-        engine = (self._engine_factory or _default_engine)(self.cfg)
+        if self._engine_factory is not None:
+            engine = self._engine_factory(self.cfg)
+        else:
+            engine = _default_engine(self.cfg, self.zygote, self.roles.agent)
         self.fronts = FrontSet(engine)
         await self._reconcile()
         self.control = ControlServer(svc.control_path, self._control)
@@ -268,7 +277,7 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-def _default_engine(cfg: Config) -> FrontEngine:
+def _default_engine(cfg: Config, zygote: Zygote | None, agent: AgentServer | None) -> FrontEngine:
     from metaproxy.service import engines
 
-    return engines.create(cfg)
+    return engines.create(cfg, zygote=zygote, accept=agent.accept if agent else None)

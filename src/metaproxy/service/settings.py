@@ -166,6 +166,9 @@ class FrontDefaults:
     max_body: int = 64 * 1024
     maxconn: int = 1024
     max_conn_per_source: int = MAX_CONN_PER_SOURCE
+    # builtin engine: serve the fronts from an unprivileged worker process without secrets
+    # (service/frontworkers.py); false keeps them in the service's own process.
+    isolate: bool = True
     # Namespace names for fronts that do not name one (e.g. networks from the store): Neutron's
     # DHCP/L3 agents use these; OVN's metadata agent uses "ovnmeta-{id}".
     network_netns: str = "qdhcp-{id}"
@@ -352,6 +355,7 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
         max_body=_take(table, "front", "max_body", int, 64 * 1024),
         maxconn=_take(table, "front", "maxconn", int, 1024),
         max_conn_per_source=_take(table, "front", "max_conn_per_source", int, MAX_CONN_PER_SOURCE),
+        isolate=_take(table, "front", "isolate", bool, True),
     )
     try:
         SourceLimits(defaults.max_conn_per_source)
@@ -490,6 +494,7 @@ def describe(cfg: Config) -> dict[str, Any]:
         "max_body": cfg.front.max_body,
         "maxconn": cfg.front.maxconn,
         "max_conn_per_source": cfg.front.max_conn_per_source,
+        "isolate": cfg.front.isolate,
         "network_netns": cfg.front.network_netns,
         "router_netns": cfg.front.router_netns,
         **{f"timeout_{f.name}": getattr(cfg.front.timeouts, f.name) for f in fields(Timeouts)},

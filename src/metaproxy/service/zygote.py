@@ -1,0 +1,172 @@
+"""The zygote: a process forked before `metaproxy up` reads its config, to fork front workers.
+
+A worker forked from the manager itself would carry a copy of everything the manager holds —
+the shared secret above all — into the process that parses guest traffic. So `up` forks this
+zygote first thing, while its memory holds nothing but the program; every front worker is
+forked from it later, on the manager's request:
+
+    zygote = Zygote.start()               # first thing in `up`, before the config is read
+    pid = zygote.spawn(worker_end, uid, gid)
+    zygote.close()                        # at the very end
+
+`spawn` hands over one end of the worker's channel (front/channel.py); the zygote forks, the
+child drops to `uid`/`gid` (from root), makes itself non-dumpable (no ptrace, /proc files of it
+owned by root) and runs `front.worker.run` on that channel. The zygote reaps its children; the
+manager sees a worker end when the worker's channel closes. The zygote dies with the manager
+(and its workers with it: PR_SET_PDEATHSIG); they ignore SIGINT, SIGHUP and SIGTERM, so a
+Ctrl-C or a signal to the whole group leaves the stopping (and draining) to the manager.
+
+Limit: the environment is the one `up` started with. A secret passed as
+METAPROXY_SERVICE__SHARED_SECRET is in every process's environment block; the default (the
+secret file) is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from metaproxy.errors import ProcessError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_PR_SET_NO_NEW_PRIVS = 38
+_SPAWN_TIMEOUT = 10.0
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _die_with_parent(parent: int) -> None:
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+class Zygote:
+    """The manager's handle on the zygote process (see the module docstring)."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def start(cls) -> Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child (the tests observe it from outside)
+            status = 1
+            try:
+                ours.close()
+                _die_with_parent(parent)
+                status = _serve(theirs)
+            except BaseException:
+                logging.getLogger(__name__).exception("zygote failed")
+            finally:
+                os._exit(status)
+        theirs.close()
+        return cls(pid, ours)
+
+    def spawn(self, worker_end: socket.socket, uid: int | None, gid: int | None) -> int:
+        """Fork a front worker on `worker_end` as uid/gid; its pid. ProcessError on failure."""
+        order = pickle.dumps({"uid": uid, "gid": gid})
+        try:
+            socket.send_fds(self.sock, [order], [worker_end.fileno()])
+            ready, _, _ = select.select([self.sock], [], [], _SPAWN_TIMEOUT)
+            reply = self.sock.recv(4096) if ready else b""
+        except OSError as exc:
+            raise ProcessError(f"front worker zygote: {exc.strerror or exc}") from exc
+        if not reply:
+            raise ProcessError("front worker zygote did not answer (it is gone)")
+        answer = json.loads(reply)
+        if "pid" not in answer:
+            raise ProcessError(f"front worker zygote: {answer.get('error', 'no pid')}")
+        return int(answer["pid"])
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the zygote (it exits when its channel closes) and wait for it."""
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.02)
+        log.warning("front worker zygote %d did not exit; killing it", self.pid)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+def _serve(sock: socket.socket) -> int:
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    me = os.getpid()
+    while True:
+        _reap()
+        ready, _, _ = select.select([sock], [], [], 1.0)
+        if not ready:
+            continue
+        data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        if not data:
+            return 0  # the manager closed the channel: the end
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"error": "spawn needs one channel"}).encode())
+            continue
+        order: dict[str, Any] = pickle.loads(data)  # noqa: S301 - from the manager only
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            sock.send(json.dumps({"error": f"fork: {exc.strerror}"}).encode())
+            continue
+        if pid == 0:  # pragma: no cover - the worker
+            status = 1
+            try:
+                sock.close()
+                status = _become_worker(me, socket.socket(fileno=fds[0]), order)
+            except BaseException:
+                logging.getLogger(__name__).exception("front worker failed")
+            finally:
+                os._exit(status)
+        os.close(fds[0])
+        sock.send(json.dumps({"pid": pid}).encode())
+
+
+def _become_worker(zygote: int, channel_end: socket.socket, order: dict[str, Any]) -> int:
+    # Signals stay ignored (from the zygote): the manager drains and stops its workers itself,
+    # and if the manager dies, the zygote dies and takes every worker with it (PDEATHSIG).
+    _die_with_parent(zygote)
+    from metaproxy.front.process import drop_privileges
+    from metaproxy.front.worker import run
+
+    drop_privileges(order["uid"], order["gid"])
+    _prctl(_PR_SET_DUMPABLE, 0)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # nothing it could exec regains privilege
+    return run(channel_end)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
