@@ -115,11 +115,7 @@ def planted(
         assert code == 0, stack.stderr[-2000:]
         assert not left
     finally:
-        if stack.proc is not None and stack.proc.poll() is None:
-            stack.proc.kill()
-            stack.proc.communicate(timeout=10)
-        for pair in stack.pairs.values():
-            netns.delete_pair(pair)
+        stack.discard()
         alive = stranger.poll() is None
         stranger.kill()
         stranger.wait(timeout=10)

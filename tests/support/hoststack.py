@@ -96,6 +96,14 @@ class Stack:
             raise AssertionError("metaproxy up did not stop after SIGTERM") from None
         return self.proc.returncode
 
+    def discard(self) -> None:
+        """Whatever happened: kill the service if it still runs and delete the namespaces."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+        for pair in self.pairs.values():
+            netns.delete_pair(pair)
+
 
 def leftovers(state: Path) -> list[str]:
     """What a stopped stack must not leave: sockets, pidfiles, haproxy configs, processes."""

@@ -56,11 +56,7 @@ netns = "{st.pairs[tag].net_ns}"
             assert st.stop() == 0, st.stderr
             assert leftovers(st.state) == []
     finally:
-        if st.proc is not None and st.proc.poll() is None:
-            st.proc.kill()
-            st.proc.communicate(timeout=10)
-        for pair in st.pairs.values():
-            netns.delete_pair(pair)
+        st.discard()
 
 
 @pytest.fixture

@@ -120,11 +120,7 @@ netns = "{st.pairs[declared].net_ns}"
         assert leftovers(state) == []
         assert "Traceback" not in st.stderr, st.stderr
     finally:
-        if st.proc is not None and st.proc.poll() is None:
-            st.proc.kill()
-            st.proc.communicate(timeout=10)
-        for pair in st.pairs.values():
-            netns.delete_pair(pair)
+        st.discard()
 
 
 def test_same_ip_on_two_networks_gets_each_its_own_instance(stack: Stack) -> None:
@@ -386,8 +382,4 @@ def test_sigterm_lets_requests_in_flight_finish(engine: str, short_tmp: Path) ->
     finally:
         nova.shutdown()
         nova.server_close()
-        if st.proc is not None and st.proc.poll() is None:
-            st.proc.kill()
-            st.proc.communicate(timeout=10)
-        for pair in st.pairs.values():
-            netns.delete_pair(pair)
+        st.discard()
