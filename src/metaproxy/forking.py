@@ -43,16 +43,25 @@ def fork(main: Callable[[], int], mask: Mask, *, label: str) -> int:
         os._exit(code)
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGTERM this process when `parent` dies (a SIGKILLed supervisor must not leave orphans).
+def prctl(option: int, value: int) -> None:
+    """prctl(2) with one argument; OSError on failure."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+
+
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Get `sig` when `parent` dies (a SIGKILLed supervisor must not leave orphans).
 
     Call it after dropping privileges: the kernel clears the setting when credentials change.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    try:
+        prctl(PR_SET_PDEATHSIG, sig)
+    except OSError as exc:
+        log.warning("%s", exc)
     if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
 
 def reap(children: set[int]) -> list[tuple[int, str]]:

@@ -88,6 +88,9 @@ class FakeZygote:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.threads: list[threading.Thread] = []
 
+    def alive(self) -> bool:
+        return True
+
     def spawn(self, worker_end: socket.socket, uid: int | None, gid: int | None) -> int:
         sock = socket.socket(fileno=os.dup(worker_end.fileno()))
         behaviour = self.behaviours.pop(0) if self.behaviours else _serve_then(lambda s: None)

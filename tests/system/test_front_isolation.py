@@ -146,6 +146,21 @@ def test_no_orphans_when_the_manager_is_killed(short_tmp: Path) -> None:
         wait_for(lambda: gone(zygote) and gone(worker), 5, "the zygote and the worker to die")
 
 
+def test_a_lost_zygote_takes_its_worker_and_stops_the_service(short_tmp: Path) -> None:
+    """Another zygote cannot be made (a fork of the manager holds the secret), so the service
+    exits 1 for systemd to restart it, and cleans up; the worker dies with the zygote even
+    though its channel to the manager is still open (PDEATHSIG survives the privilege drop)."""
+    with running(short_tmp, clean=False) as (st, _):
+        _, zygote, worker = _processes(st)
+        os.kill(zygote, signal.SIGKILL)
+        assert st.proc is not None
+        wait_for(lambda: not Path(f"/proc/{worker}").exists(), 5, "the worker to die")
+        assert st.proc.wait(timeout=30) == 1
+        st.stderr = st.proc.communicate(timeout=10)[1]
+        assert "front worker zygote is gone" in st.stderr
+        assert leftovers(st.state) == []
+
+
 def test_isolate_false_keeps_the_fronts_in_the_service(short_tmp: Path) -> None:
     with running(short_tmp, front="isolate = false") as (st, tag):
         assert st.proc is not None

@@ -145,6 +145,8 @@ async def _main(cfg: Config, args: argparse.Namespace, zygote: Zygote | None = N
                 prefix = "sudo " if os.geteuid() == 0 else ""
                 print(demo.instructions(prefix + status), file=sys.stdout, flush=True)
         await runner
+        if host.failure is not None:
+            return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

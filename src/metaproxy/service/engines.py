@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from metaproxy.config import FrontSpec
@@ -59,7 +60,11 @@ class BuiltinEngine:
 
 
 def create(
-    cfg: Config, *, zygote: Zygote | None = None, accept: Accept | None = None
+    cfg: Config,
+    *,
+    zygote: Zygote | None = None,
+    accept: Accept | None = None,
+    fail: Callable[[str], None] | None = None,
 ) -> FrontEngine:
     """The engine `service.engine` names, built from its config section.
 
@@ -89,5 +94,6 @@ def create(
             log_level=logging.getLevelName(logging.getLogger().level),
             log_target=cfg.service.log_target,
             drain=cfg.service.drain_timeout,
+            fail=fail,
         )
     return BuiltinEngine(BuiltinFront(options), drain=cfg.service.drain_timeout)

@@ -74,8 +74,10 @@ class WorkerEngine:
         log_level: str,
         log_target: str,
         drain: float = 0.0,
+        fail: Callable[[str], None] | None = None,
     ) -> None:
         self.zygote = zygote
+        self.fail = fail
         self.accept = accept
         self.options = options
         self.uid, self.gid = uid, gid
@@ -162,6 +164,14 @@ class WorkerEngine:
         """Start the worker, and again whenever it ends, re-adding every listener."""
         failures = 0
         while not self._closing:
+            if not self.zygote.alive():
+                # Another zygote cannot be made (a fork of this process holds the secret):
+                # the service has to start afresh.
+                reason = "the front worker zygote is gone; no front worker can be started"
+                if self.fail is not None:
+                    self.fail(reason)
+                    return
+                log.critical("%s", reason)
             try:
                 worker = await self._spawn()
             except (MetaproxyError, OSError) as exc:

@@ -94,11 +94,22 @@ class Host:
         self.started = time.time()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self.failure: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    def fail(self, reason: str) -> None:
+        """Stop the whole service because part of it cannot go on (`up` then exits 1, and
+        systemd's Restart=on-failure starts it afresh)."""
+        log.critical("stopping: %s", reason)
+        self.failure = reason
+        if self._stop is not None:
+            self._stop.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Bring everything up, keep the fronts reconciled until `stop`, then tear down."""
+        self._stop = stop
         try:
             await self._start()
             self.ready.set()
@@ -115,7 +126,7 @@ class Host:
         if self._engine_factory is not None:
             engine = self._engine_factory(self.cfg)
         else:
-            engine = _default_engine(self.cfg, self.zygote, self.roles.agent)
+            engine = _default_engine(self.cfg, self.zygote, self.roles.agent, self.fail)
         self.fronts = FrontSet(engine)
         await self._reconcile()
         self.control = ControlServer(svc.control_path, self._control)
@@ -277,7 +288,10 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-def _default_engine(cfg: Config, zygote: Zygote | None, agent: AgentServer | None) -> FrontEngine:
+def _default_engine(
+    cfg: Config, zygote: Zygote | None, agent: AgentServer | None, fail: Callable[[str], None]
+) -> FrontEngine:
     from metaproxy.service import engines
 
-    return engines.create(cfg, zygote=zygote, accept=agent.accept if agent else None)
+    accept = agent.accept if agent else None
+    return engines.create(cfg, zygote=zygote, accept=accept, fail=fail)

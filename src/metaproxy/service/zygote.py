@@ -23,7 +23,7 @@ secret file) is not.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import json
 import logging
 import os
@@ -34,27 +34,14 @@ import socket
 import time
 from typing import Any
 
+from metaproxy import forking
 from metaproxy.errors import ProcessError
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _SPAWN_TIMEOUT = 10.0
-
-
-def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-
-
-def _die_with_parent(parent: int) -> None:
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above took effect
-        os._exit(1)
 
 
 class Zygote:
@@ -63,22 +50,19 @@ class Zygote:
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
         self.sock = sock
+        self.returncode: int | None = None
 
     @classmethod
     def start(cls) -> Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child (the tests observe it from outside)
-            status = 1
-            try:
-                ours.close()
-                _die_with_parent(parent)
-                status = _serve(theirs)
-            except BaseException:
-                logging.getLogger(__name__).exception("zygote failed")
-            finally:
-                os._exit(status)
+
+        def main() -> int:  # pragma: no cover - the child (the tests watch it from outside)
+            ours.close()
+            forking.die_with_parent(parent, signal.SIGKILL)
+            return _serve(theirs)
+
+        pid = forking.fork(main, _current_mask(), label="front worker zygote")
         theirs.close()
         return cls(pid, ours)
 
@@ -98,13 +82,23 @@ class Zygote:
             raise ProcessError(f"front worker zygote: {answer.get('error', 'no pid')}")
         return int(answer["pid"])
 
+    def alive(self) -> bool:
+        """False once the zygote has exited (it is our child: waitpid tells)."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode is None
+
     def close(self, timeout: float = 5.0) -> None:
         """End the zygote (it exits when its channel closes) and wait for it."""
         self.sock.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-            if done:
+            if not self.alive():
                 return
             time.sleep(0.02)
         log.warning("front worker zygote %d did not exit; killing it", self.pid)
@@ -112,12 +106,17 @@ class Zygote:
         os.waitpid(self.pid, 0)
 
 
+def _current_mask() -> set[int | signal.Signals]:
+    return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 def _serve(sock: socket.socket) -> int:
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     me = os.getpid()
+    children: set[int] = set()
     while True:
-        _reap()
+        forking.reap(children)
         ready, _, _ = select.select([sock], [], [], 1.0)
         if not ready:
             continue
@@ -130,43 +129,33 @@ def _serve(sock: socket.socket) -> int:
             sock.send(json.dumps({"error": "spawn needs one channel"}).encode())
             continue
         order: dict[str, Any] = pickle.loads(data)  # noqa: S301 - from the manager only
+        channel_fd = fds[0]
+
+        main = functools.partial(_become_worker, me, sock, channel_fd, order)
         try:
-            pid = os.fork()
+            pid = forking.fork(main, _current_mask(), label="front worker")
         except OSError as exc:
-            os.close(fds[0])
             sock.send(json.dumps({"error": f"fork: {exc.strerror}"}).encode())
             continue
-        if pid == 0:  # pragma: no cover - the worker
-            status = 1
-            try:
-                sock.close()
-                status = _become_worker(me, socket.socket(fileno=fds[0]), order)
-            except BaseException:
-                logging.getLogger(__name__).exception("front worker failed")
-            finally:
-                os._exit(status)
-        os.close(fds[0])
+        finally:
+            os.close(channel_fd)
+        children.add(pid)
         sock.send(json.dumps({"pid": pid}).encode())
 
 
-def _become_worker(zygote: int, channel_end: socket.socket, order: dict[str, Any]) -> int:
-    # Signals stay ignored (from the zygote): the manager drains and stops its workers itself,
-    # and if the manager dies, the zygote dies and takes every worker with it (PDEATHSIG).
-    _die_with_parent(zygote)
+def _become_worker(
+    zygote: int, zygote_end: socket.socket, channel_fd: int, order: dict[str, Any]
+) -> int:  # pragma: no cover - runs in the worker
+    zygote_end.close()
+    channel_end = socket.socket(fileno=channel_fd)
     from metaproxy.front.process import drop_privileges
     from metaproxy.front.worker import run
 
     drop_privileges(order["uid"], order["gid"])
-    _prctl(_PR_SET_DUMPABLE, 0)
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # nothing it could exec regains privilege
+    # Signals stay ignored (from the zygote): the manager drains and stops its workers itself,
+    # and if the manager dies, the zygote dies and takes every worker with it. After the drop:
+    # changing credentials clears PDEATHSIG.
+    forking.die_with_parent(zygote, signal.SIGKILL)
+    forking.prctl(_PR_SET_DUMPABLE, 0)
+    forking.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # nothing it could exec regains privilege
     return run(channel_end)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
