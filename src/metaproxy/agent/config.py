@@ -82,6 +82,7 @@ KEYS = frozenset(
         "timeout",
         "connect_timeout",
         "pool_size",
+        "pipeline",
         "cache_ttl",
         "max_body",
         "max_head",
@@ -106,6 +107,9 @@ class UpstreamConfig:
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     pool_size: int = 100
+    # GETs in flight at once on one connection (HTTP/1.1 pipelining); 1 = never pipeline. For a
+    # server known to answer pipelined requests in order, such as the embedded one.
+    pipeline: int = 1
 
     def __post_init__(self) -> None:
         if self.scheme not in ("http", "https", "unix"):
@@ -134,6 +138,8 @@ class UpstreamConfig:
                 raise ConfigError(f"agent.{name} must be in (0, 3600] s", key=f"agent.{name}")
         if not 1 <= self.pool_size <= 100_000:
             raise ConfigError("agent.pool_size must be in [1, 100000]", key="agent.pool_size")
+        if not 1 <= self.pipeline <= 256:
+            raise ConfigError("agent.pipeline must be in [1, 256]", key="agent.pipeline")
 
     @property
     def url(self) -> str:
@@ -312,6 +318,7 @@ def _upstream(values: dict[str, Any]) -> UpstreamConfig:
         "timeout": _float(values, "timeout", DEFAULT_TIMEOUT),
         "connect_timeout": _float(values, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         "pool_size": _int(values, "pool_size", 100),
+        "pipeline": _int(values, "pipeline", 1),
     }
     if url:
         if any(k in values for k in ("metadata_host", "metadata_port", "metadata_protocol")):

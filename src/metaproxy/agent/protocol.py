@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import cast
@@ -42,7 +42,8 @@ class Request:
         return [v for k, v in self.headers if k.lower() == lower]
 
 
-Handler = Callable[[Request], Awaitable[Reply]]
+# The handler answers by calling its second argument exactly once, now or later.
+Handler = Callable[[Request, Callable[[Reply], None]], None]
 
 
 class _Refuse(Exception):
@@ -75,9 +76,12 @@ class AgentProtocol(asyncio.Protocol):
         self._max_body = max_body
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
+        self._last = 0.0  # loop time of the last byte in or answer out
         self._pending: collections.deque[_Item] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
+        self._inflight = False  # the first pending request is with the handler
+        self._running = False  # inside _next (a handler may answer at once)
         self._paused = False
         self._broken = False
         self._reset()
@@ -91,27 +95,27 @@ class AgentProtocol(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None or bool(self._pending)
+        return self._inflight or bool(self._pending)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._connections.add(self)
-        self._arm()
+        self._last = self._loop.time()
+        self._idle = self._loop.call_later(IDLE_TIMEOUT, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
-        if self._task is not None:
-            self._task.cancel()
         self._transport = None
+        self._pending.clear()
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
-        self._arm()
+        self._last = self._loop.time()
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -182,48 +186,83 @@ class AgentProtocol(asyncio.Protocol):
         if len(self._pending) >= MAX_PENDING and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._answer_all())
+        if not self._inflight:
+            self._next()
 
-    async def _answer_all(self) -> None:
+    def _next(self) -> None:
+        """Hand the first pending request to the handler (or answer a refused one), in order."""
+        if self._running:
+            return  # the loop below picks it up
+        self._running = True
         try:
-            while self._pending and self._transport is not None:
-                item = self._pending.popleft()
-                if self._paused and len(self._pending) < MAX_PENDING // 2:
+            while self._pending and not self._inflight and self._transport is not None:
+                item = self._pending[0]
+                if self._paused and len(self._pending) <= MAX_PENDING // 2:
                     self._transport.resume_reading()
                     self._paused = False
                 if item.request is None:
-                    reply = Reply(item.status, generic_body(item.status))
-                else:
-                    reply = await self._handler(item.request)
-                self._write(reply, item)
-                if not item.keep_alive:
-                    self._pending.clear()
-                    self.close()
+                    self._pending.popleft()
+                    self._write(Reply(item.status, generic_body(item.status)), item)
+                    continue
+                self._inflight = True
+                self._handler(item.request, self._answered)
         finally:
-            self._task = None
-            self._arm()
+            self._running = False
+
+    def _answered(self, reply: Reply) -> None:
+        """The handler's answer to the first pending request."""
+        if not self._inflight or not self._pending:
+            return  # the connection was lost meanwhile
+        self._inflight = False
+        item = self._pending.popleft()
+        self._write(reply, item)
+        self._next()
 
     def _write(self, reply: Reply, item: _Item) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        head = [_status_line(reply.status), b"Server: metaproxy"]
-        head += [f"{k}: {v}".encode("latin-1") for k, v in reply.headers]
-        if not any(k.lower() == "content-type" for k, _ in reply.headers):
-            head.append(b"Content-Type: text/plain")
-        head.append(b"Content-Length: %d" % len(reply.body))
-        if not item.keep_alive:
-            head.append(b"Connection: close")
+        self._last = self._loop.time()
         head_only = item.request is not None and item.request.method == "HEAD"
-        data = b"\r\n".join(head) + b"\r\n\r\n"
-        transport.write(data if head_only else data + reply.body)
+        head = _head(reply.status, reply.headers) + b"Content-Length: %d\r\n" % len(reply.body)
+        if not item.keep_alive:
+            head += b"Connection: close\r\n\r\n"
+            transport.write(head if head_only else head + reply.body)
+            self._pending.clear()
+            self.close()
+            return
+        head += b"\r\n"
+        transport.write(head if head_only else head + reply.body)
 
-    def _arm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        if self._transport is not None and not self.busy:
-            self._idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self.close)
+    def _check_idle(self) -> None:
+        """Close a connection idle for IDLE_TIMEOUT (one timer per connection, not per byte)."""
+        self._idle = None
+        if self._transport is None:
+            return
+        quiet = self._loop.time() - self._last
+        if not self.busy and quiet >= IDLE_TIMEOUT:
+            self.close()
+            return
+        wait = IDLE_TIMEOUT if self.busy else max(IDLE_TIMEOUT - quiet, 0.01)
+        self._idle = self._loop.call_later(wait, self._check_idle)
+
+
+_HEADS: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+
+
+def _head(status: int, headers: tuple[tuple[str, str], ...]) -> bytes:
+    """Status line, Server, the reply's headers and a Content-Type: rendered once per kind."""
+    head = _HEADS.get((status, headers))
+    if head is None:
+        lines = [_status_line(status), b"Server: metaproxy"]
+        lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            lines.append(b"Content-Type: text/plain")
+        head = b"\r\n".join(lines) + b"\r\n"
+        if len(_HEADS) >= 1024:  # token TTL values vary; the rest is a handful of kinds
+            _HEADS.clear()
+        _HEADS[(status, headers)] = head
+    return head
 
 
 _STATUS_LINES: dict[int, bytes] = {}

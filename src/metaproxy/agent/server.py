@@ -17,10 +17,17 @@ import collections
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from metaproxy.agent.config import AgentConfig
-from metaproxy.agent.identity import ClientKey, client_key
+from metaproxy.agent.identity import (
+    FORWARDED_FOR,
+    NETWORK_HEADER,
+    ROUTER_HEADER,
+    ClientKey,
+    client_key,
+)
 from metaproxy.agent.listener import Listener, bind_unix
 from metaproxy.agent.lookup import NotFound, PortRegistry, Registry
 from metaproxy.agent.protocol import AgentProtocol, Request
@@ -56,6 +63,7 @@ class AgentServer:
         self._owns_listener = True
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[AgentProtocol] = set()
+        self._keys: dict[tuple[tuple[str, str], ...], ClientKey] = {}
 
     @property
     def socket_path(self) -> Path:
@@ -94,7 +102,7 @@ class AgentServer:
     def _protocol(self) -> AgentProtocol:
         cfg = self.config
         return AgentProtocol(
-            self._answer, self._connections, max_head=cfg.max_head, max_body=cfg.max_body
+            self._handle, self._connections, max_head=cfg.max_head, max_body=cfg.max_body
         )
 
     async def accept(self, sock: socket.socket) -> None:
@@ -138,14 +146,15 @@ class AgentServer:
         for conn in list(self._connections):
             conn.close()
 
-    async def _answer(self, request: Request) -> Reply:
-        reply = await self._decide(request)
-        self.statuses[reply.status] += 1
-        return reply
+    def _handle(self, request: Request, done: Callable[[Reply], None]) -> None:
+        """Check the identity, look the port up, relay; `done` gets the answer, once."""
 
-    async def _decide(self, request: Request) -> Reply:
+        def answer(reply: Reply) -> None:
+            self.statuses[reply.status] += 1
+            done(reply)
+
         try:
-            key = client_key(request.getall)
+            key = self._client_key(request.headers)
             if not request.target.startswith("/"):
                 raise ClientProtocolError(
                     f"request target {request.target[:80]!r} is not origin-form"
@@ -153,44 +162,77 @@ class AgentServer:
         except ClientProtocolError as exc:
             # Fronts build these headers themselves: a bad one is a front bug or a spoof.
             log.warning("refusing request from a front: %s", exc)
-            return _error(exc.status_hint)
+            answer(_error(exc.status_hint))
+            return
+        self._guarded(lambda: self._relay(request, key, answer), answer)
+
+    def _client_key(self, headers: list[tuple[str, str]]) -> ClientKey:
+        """client_key() of the identity headers, remembered for the exact same header values.
+
+        client_key is pure: the same identity headers (names, values, order) always give the
+        same key, so a cached answer is the answer; anything it refuses is never cached.
+        """
+        found = tuple((low, v) for k, v in headers if (low := k.lower()) in _IDENTITY_NAMES)
+        key = self._keys.get(found)
+        if key is None:
+            key = client_key(lambda name: [v for k, v in found if k == name.lower()])
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            self._keys[found] = key
+        return key
+
+    @staticmethod
+    def _guarded(step: Callable[[], None], answer: Callable[[Reply], None]) -> None:
+        """Run one step of a request; a refusal or failure becomes its answer."""
         try:
-            return await self._relay(request, key)
+            step()
         except NotFound as exc:
             log.info("no single port for this request: %s", exc)
-            return _error(404)
+            answer(_error(404))
         except ClientProtocolError as exc:
             log.warning("refusing request from a front: %s", exc)
-            return _error(exc.status_hint)
+            answer(_error(exc.status_hint))
         except Exception:
             log.exception("unexpected error while relaying a metadata request")
-            return _error(500)
+            answer(_error(500))
 
-    async def _relay(self, request: Request, key: ClientKey) -> Reply:
+    def _relay(self, request: Request, key: ClientKey, answer: Callable[[Reply], None]) -> None:
         match, cached = self.registry.resolve(key)
-        forward = self.upstream.forward
         method, target, headers, body = (
             request.method,
             request.target,
             request.headers,
             request.body,
         )
-        reply = await forward(method, target, headers, body, match, key.ip)
-        if reply.status == 404 and cached:
+
+        def relayed(reply: Reply) -> None:
+            if reply.status == 404 and cached:
+                self._guarded(lambda: retry(reply), answer)
+            else:
+                answer(reply)
+
+        def retry(reply: Reply) -> None:
             # The metadata server does not know a cached instance: the port may have moved to
             # another instance since. Ask the store once more, and retry if the answer changed.
             fresh, _ = self.registry.resolve(key, fresh=True)
-            if fresh != match:
-                log.info(
-                    "port for %s on %s %s moved from instance %s to %s: retrying",
-                    key.ip,
-                    key.kind,
-                    key.id,
-                    match.instance_id,
-                    fresh.instance_id,
-                )
-                reply = await forward(method, target, headers, body, fresh, key.ip)
-        return reply
+            if fresh == match:
+                answer(reply)
+                return
+            log.info(
+                "port for %s on %s %s moved from instance %s to %s: retrying",
+                key.ip,
+                key.kind,
+                key.id,
+                match.instance_id,
+                fresh.instance_id,
+            )
+            self.upstream.submit(method, target, headers, body, fresh, key.ip, answer)
+
+        self.upstream.submit(method, target, headers, body, match, key.ip, relayed)
+
+
+_IDENTITY_NAMES = frozenset(n.lower() for n in (NETWORK_HEADER, ROUTER_HEADER, FORWARDED_FOR))
+_KEY_CACHE = 65536
 
 
 def listen(cfg: AgentConfig) -> Listener:

@@ -5,10 +5,12 @@ One keep-alive pool (agent/client.py) per agent, over TCP, TLS or a Unix socket.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from metaproxy.agent.client import Answer, HttpPool
@@ -66,14 +68,16 @@ def map_status(status: int) -> int:
     return status if status in PASSED_THROUGH else 502
 
 
+_WANTED = {name.lower(): name for name in FORWARDED_HEADERS}
+
+
 def upstream_headers(
     client: Iterable[tuple[str, str]], match: PortMatch, forwarded_for: str, secret: Secret
 ) -> dict[str, str]:
     """The exact headers sent upstream: allow-listed client headers, then Nova's four."""
-    wanted = {name.lower(): name for name in FORWARDED_HEADERS}
     headers: dict[str, str] = {}
     for name, value in client:
-        canonical = wanted.get(name.lower())
+        canonical = _WANTED.get(name.lower())
         if canonical is not None and canonical not in headers:
             headers[canonical] = value
     headers["X-Forwarded-For"] = forwarded_for
@@ -106,25 +110,42 @@ def ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext | None:
     return context
 
 
-class Upstream:
-    """A pooled client for the metadata server; `start` before use, `close` when done."""
+ReplyDone = Callable[[Reply], None]
+Observe = Callable[[PortMatch, float], None]
+_SIGNED_CACHE = 16384
 
-    def __init__(self, cfg: UpstreamConfig, secret: Secret) -> None:
+
+class Upstream:
+    """A pooled client for the metadata server; `start` before use, `close` when done.
+
+    `observe(match, seconds)`, when given, is told how long each answer took.
+    """
+
+    def __init__(
+        self, cfg: UpstreamConfig, secret: Secret, *, observe: Observe | None = None
+    ) -> None:
         self._cfg = cfg
         self._secret = secret
         self._ssl = ssl_context(cfg)
+        self._observe = observe
         if cfg.scheme == "unix":
             self._host = b"localhost"
         else:
             host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
             self._host = f"{host}:{cfg.port}".encode("idna")
         self._pool: HttpPool | None = None
+        # (port match, client address) → the four identity header lines, signed. The signature
+        # is HMAC(secret, instance ID): constant per instance, so computed once per entry.
+        self._signed: dict[tuple[PortMatch, str], bytes] = {}
 
     async def start(self) -> None:
         cfg = self._cfg
         if cfg.scheme == "unix":
             self._pool = HttpPool.unix(
-                str(cfg.unix_path), limit=cfg.pool_size, connect_timeout=cfg.connect_timeout
+                str(cfg.unix_path),
+                limit=cfg.pool_size,
+                connect_timeout=cfg.connect_timeout,
+                depth=cfg.pipeline,
             )
         else:
             self._pool = HttpPool.tcp(
@@ -133,12 +154,52 @@ class Upstream:
                 ssl_context=self._ssl,
                 limit=cfg.pool_size,
                 connect_timeout=cfg.connect_timeout,
+                depth=cfg.pipeline,
             )
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def submit(
+        self,
+        method: str,
+        target: str,
+        client_headers: Iterable[tuple[str, str]],
+        body: bytes,
+        match: PortMatch,
+        forwarded_for: str,
+        done: ReplyDone,
+    ) -> None:
+        """Send the signed request; `done` gets what the front should see (never raises after
+        the request left: a failure is mapped to its status). A header that cannot be relayed
+        raises ClientProtocolError before anything is sent."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("Upstream.start() was not called")
+        data = self._encode(method, target, client_headers, body, match, forwarded_for)
+        observe = self._observe
+        started = time.perf_counter() if observe is not None else 0.0
+
+        def answered(answer: Answer | None, error: UpstreamError | None) -> None:
+            if observe is not None:
+                observe(match, time.perf_counter() - started)
+            if answer is not None:
+                done(self._reply(answer))
+                return
+            error = error or UpstreamError("no answer")
+            log.warning(
+                "metadata server %s failed for instance %s: %s",
+                self._cfg.url,
+                match.instance_id,
+                error,
+            )
+            done(Reply(error.status_hint, generic_body(error.status_hint)))
+
+        pool.submit(
+            data, head=method == "HEAD", method=method, timeout=self._cfg.timeout, done=answered
+        )
 
     async def forward(
         self,
@@ -149,23 +210,56 @@ class Upstream:
         match: PortMatch,
         forwarded_for: str,
     ) -> Reply:
-        """Send the signed request; map the answer (or the failure) to what the front gets."""
-        pool = self._pool
-        if pool is None:
-            raise RuntimeError("Upstream.start() was not called")
-        headers = upstream_headers(client_headers, match, forwarded_for, self._secret)
-        data = serialize_request(method, target, self._host, headers, body)
-        try:
-            answer = await pool.request(data, head=method == "HEAD", timeout=self._cfg.timeout)
-        except UpstreamError as exc:
-            log.warning(
-                "metadata server %s failed for instance %s: %s",
-                self._cfg.url,
-                match.instance_id,
-                exc,
+        """`submit` as a coroutine."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Reply) -> None:
+            if not future.done():
+                future.set_result(reply)
+
+        self.submit(method, target, client_headers, body, match, forwarded_for, done)
+        return await future
+
+    def _encode(
+        self,
+        method: str,
+        target: str,
+        client_headers: Iterable[tuple[str, str]],
+        body: bytes,
+        match: PortMatch,
+        forwarded_for: str,
+    ) -> bytes:
+        """serialize_request(upstream_headers(...)), byte for byte, with the signed part cached."""
+        key = (match, forwarded_for)
+        signed = self._signed.get(key)
+        if signed is None:
+            if len(self._signed) >= _SIGNED_CACHE:
+                self._signed.clear()
+            signed = self._signed[key] = _header_lines(
+                {
+                    "X-Forwarded-For": forwarded_for,
+                    "X-Instance-ID": match.instance_id,
+                    "X-Tenant-ID": match.project_id,
+                    "X-Instance-ID-Signature": sign_instance_id(self._secret, match.instance_id),
+                }
             )
-            return Reply(exc.status_hint, generic_body(exc.status_hint))
-        return self._reply(answer)
+        relayed: dict[str, str] = {}
+        for name, value in client_headers:
+            canonical = _WANTED.get(name.lower())
+            if canonical is not None and canonical not in relayed:
+                relayed[canonical] = value
+        parts = [
+            f"{method} {target} HTTP/1.1\r\n".encode("latin-1"),
+            b"Host: " + self._host + b"\r\n",
+        ]
+        if relayed:
+            parts.append(_header_lines(relayed))
+        parts.append(signed)
+        if body or method in ("POST", "PUT", "PATCH"):
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        parts.append(body)
+        return b"".join(parts)
 
     def _reply(self, answer: Answer) -> Reply:
         status = answer.status
@@ -186,15 +280,16 @@ class Upstream:
             log.warning("metadata server %s answered %d", self._cfg.url, status)
         if status not in BODY_PASSED:
             return Reply(status, generic_body(status))
-        kept = tuple(
-            (name, value.decode("latin-1"))
-            for name, key in _RETURNED_KEYS
-            if (value := answer.header(key)) is not None
-        )
+        found: dict[str, str] = {}
+        for key, value in answer.headers:
+            name = _RETURNED.get(key.lower())
+            if name is not None and name not in found:
+                found[name] = value.decode("latin-1")
+        kept = tuple((name, found[name]) for name in RETURNED_HEADERS if name in found)
         return Reply(status, answer.body, kept)
 
 
-_RETURNED_KEYS = tuple((name, name.lower().encode()) for name in RETURNED_HEADERS)
+_RETURNED = {name.lower().encode(): name for name in RETURNED_HEADERS}
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -206,6 +301,16 @@ def serialize_request(
     Values are relayed byte for byte: the protocol layer decoded them as latin-1.
     """
     lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + host]
+    if headers:
+        lines.append(_header_lines(headers)[:-2])
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _header_lines(headers: dict[str, str]) -> bytes:
+    """`Name: value\\r\\n` for each header; a control character in a value is refused."""
+    lines = []
     for name, value in headers.items():
         try:
             raw = value.encode("latin-1")
@@ -213,7 +318,5 @@ def serialize_request(
             raise ClientProtocolError(f"header {name} is not latin-1") from None
         if _BAD_VALUE.search(raw):
             raise ClientProtocolError(f"control character in header {name}")
-        lines.append(name.encode("latin-1") + b": " + raw)
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+        lines.append(name.encode("latin-1") + b": " + raw + b"\r\n")
+    return b"".join(lines)

@@ -8,8 +8,6 @@ and the shared secret — unless the operator's table already set it.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from metaproxy.config import IdentityKind
@@ -186,27 +184,12 @@ def open_configured_store(cfg: Config) -> SqliteStore:
 
 def _timed_upstream(cfg: AgentConfig, latency: dict[str, Histogram]) -> Upstream:
     """The agent's upstream client, observing each answer's latency per network."""
-    from metaproxy.agent.upstream import Reply, Upstream
+    from metaproxy.agent.upstream import Upstream
 
-    class TimedUpstream(Upstream):
-        async def forward(
-            self,
-            method: str,
-            target: str,
-            client_headers: Iterable[tuple[str, str]],
-            body: bytes,
-            match: PortMatch,
-            forwarded_for: str,
-        ) -> Reply:
-            started = time.perf_counter()
-            try:
-                return await super().forward(
-                    method, target, client_headers, body, match, forwarded_for
-                )
-            finally:
-                hist = latency.get(match.network_id)
-                if hist is None:
-                    hist = latency[match.network_id] = Histogram()
-                hist.observe(time.perf_counter() - started)
+    def observe(match: PortMatch, seconds: float) -> None:
+        hist = latency.get(match.network_id)
+        if hist is None:
+            hist = latency[match.network_id] = Histogram()
+        hist.observe(seconds)
 
-    return TimedUpstream(cfg.upstream, cfg.shared_secret)
+    return Upstream(cfg.upstream, cfg.shared_secret, observe=observe)
