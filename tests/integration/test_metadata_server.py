@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import signal
 import socket
@@ -214,3 +215,55 @@ async def test_a_client_that_never_reads_is_throttled(tcp_server: MetadataServer
     )
     assert status == b"HTTP/1.1 200 OK"
     await _close(other_writer)
+
+
+# -- the rendered-bytes cache -----------------------------------------------------------------
+
+
+async def test_cached_renderings_follow_a_store_change_within_refresh(
+    tcp_server: MetadataServer, short_tmp: Path
+) -> None:
+    """Answers are kept as bytes per instance; another process's change shows after REFRESH."""
+    import json
+
+    from metaproxy.metadata import model, server
+    from support.metadata import INVENTORY
+
+    paths = ("/latest/meta-data/hostname", "/openstack/latest/meta_data.json")
+    data = b"".join(_request("GET", p) for p in paths)
+    reader, writer = await _connect(tcp_server)
+    try:
+        for _ in range(2):  # the second round is served from the cache
+            first, meta = await _exchange(reader, writer, data, "GET GET")
+            assert first[2] == b"web-1"
+            assert json.loads(meta[2])["hostname"] == "web-1"
+        changed = json.loads(json.dumps(INVENTORY))
+        changed["instances"][0]["hostname"] = "renamed-1"
+        admin = SqliteStore(short_tmp / "metaproxy.db")  # the admin CLI, another process
+        admin.import_inventory(model.inventory_from_mapping(changed), replace=True)
+        admin.close()
+        await asyncio.sleep(server.REFRESH)  # the documented bound on staleness
+        first, meta = await _exchange(reader, writer, data, "GET GET")
+        assert first[2] == b"renamed-1"
+        assert json.loads(meta[2])["hostname"] == "renamed-1"
+    finally:
+        await _close(writer)
+
+
+async def test_every_meta_data_answer_has_its_own_seed(tcp_server: MetadataServer) -> None:
+    import json
+
+    data = _request("GET", "/openstack/latest/meta_data.json")
+    reader, writer = await _connect(tcp_server)
+    try:
+        seeds = set()
+        for _ in range(5):  # cached after the first: the seed is still new every time
+            [(status, headers, body)] = await _exchange(reader, writer, data)
+            assert status == b"HTTP/1.1 200 OK"
+            assert int(headers[b"content-length"]) == len(body)
+            seed = json.loads(body)["random_seed"]
+            assert len(base64.b64decode(seed, validate=True)) == 512
+            seeds.add(seed)
+        assert len(seeds) == 5
+    finally:
+        await _close(writer)

@@ -58,10 +58,44 @@ def files(view: InstanceView, version: str) -> list[str]:
     return names
 
 
+SEED_BYTES = 512  # Nova's
+SEED_LENGTH = 4 * ((SEED_BYTES + 2) // 3)  # its base64 text
+SEED_OPEN = b', "random_seed": "'
+SEED_CLOSE = b'"}'
+_ENTROPY_BATCH = 64
+
+
+class _Entropy:
+    """Fresh random bytes from os.urandom, read 64 seeds at a time; each is handed out once."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        # A forked child must not hand out the seeds its parent still holds.
+        os.register_at_fork(after_in_child=self.forget)
+
+    def forget(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def take(self, size: int) -> bytes:
+        if self._at + size > len(self._pool):
+            self._pool, self._at = os.urandom(size * _ENTROPY_BATCH), 0
+        chunk = self._pool[self._at : self._at + size]
+        self._at += size
+        return chunk
+
+
+_entropy = _Entropy()
+
+
+def seed() -> bytes:
+    """A new random_seed value (base64 of 512 random bytes): never the same for two answers."""
+    return base64.b64encode(_entropy.take(SEED_BYTES))
+
+
 def seeded(answer: Reply) -> Reply:
     """The cacheable meta_data.json answer with this request's `random_seed` added."""
-    seed = base64.b64encode(os.urandom(512))
-    body = answer.body[:-1] + b', "random_seed": "' + seed + b'"}'
+    body = answer.body[:-1] + SEED_OPEN + seed() + SEED_CLOSE
     return Reply(answer.status, body, answer.content_type, answer.headers)
 
 

@@ -34,6 +34,19 @@ class Reply:
     seeded: bool = False
 
 
+def head(answer: Reply, length: int, *, close: bool = False) -> bytes:
+    """The HTTP/1.1 head for `answer` with a body of `length` bytes, blank line included."""
+    lines = [
+        b"HTTP/1.1 %d %s" % (answer.status, REASONS.get(answer.status, "").encode()),
+        b"Content-Type: " + answer.content_type,
+        b"Content-Length: %d" % length,
+        *(name + b": " + value for name, value in answer.headers),
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 def ok(body: bytes | str, content_type: bytes = TEXT) -> Reply:
     return Reply(200, body.encode() if isinstance(body, str) else body, content_type)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from metaproxy.metadata.config import MetadataConfig, TokenMode
 from metaproxy.metadata.model import MAX_PASSWORD
 from metaproxy.metadata.reply import Reply
 from metaproxy.metadata.store import InstanceView, Store
-from metaproxy.security.signing import verify_instance_id
+from metaproxy.security.signing import sign_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,49 @@ def split_path(target: bytes) -> tuple[str, ...]:
     return parts
 
 
+_PATHS: dict[bytes, tuple[str, ...]] = {}
+_PATHS_SIZE = 4096
+
+
+def _split_cached(target: bytes) -> tuple[str, ...]:
+    """split_path(target), remembered (it is pure); refusals are not remembered."""
+    parts = _PATHS.get(target)
+    if parts is None:
+        parts = split_path(target)
+        if len(_PATHS) >= _PATHS_SIZE:
+            _PATHS.clear()
+        _PATHS[target] = parts
+    return parts
+
+
+class _Rendered:
+    """A cached GET answer: the Reply, and the whole keep-alive HTTP answer as bytes.
+
+    A seeded answer (meta_data.json) gets a fresh random_seed per request: `wire` then holds
+    everything up to the seed, and the seed and the closing `"}` are appended per request (the
+    seed's length is fixed, so Content-Length is known once).
+    """
+
+    __slots__ = ("reply", "wire")
+
+    def __init__(self, answer: Reply) -> None:
+        self.reply = answer
+        if answer.seeded:
+            body = answer.body[:-1] + openstack.SEED_OPEN
+            length = len(body) + openstack.SEED_LENGTH + len(openstack.SEED_CLOSE)
+            self.wire = reply.head(answer, length) + body
+        else:
+            self.wire = reply.head(answer, len(answer.body)) + answer.body
+
+    def bytes(self) -> bytes:
+        if self.reply.seeded:
+            return self.wire + openstack.seed() + openstack.SEED_CLOSE
+        return self.wire
+
+    def as_reply(self) -> Reply:
+        return openstack.seeded(self.reply) if self.reply.seeded else self.reply
+
+
 class _Entry:
     """One instance's view and the GET answers already rendered for it."""
 
@@ -93,7 +137,7 @@ class _Entry:
 
     def __init__(self, view: InstanceView) -> None:
         self.view = view
-        self.answers: dict[tuple[str, ...], Reply] = {}
+        self.answers: dict[tuple[str, ...], _Rendered] = {}
 
 
 class MetadataApp:
@@ -120,24 +164,41 @@ class MetadataApp:
         self._cache_version: tuple[int, int] | None = None
         self._refresh = refresh
         self._checked = 0.0
+        self._signatures: dict[str, bytes] = {}
 
     def handle(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
     ) -> Reply:
         """One request → one reply; HEAD is answered as GET (the shell drops the body)."""
+        answer = self._answer(method, target, headers, body)
+        return answer.as_reply() if isinstance(answer, _Rendered) else answer
+
+    def handle_bytes(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
+    ) -> bytes:
+        """handle(), as the whole keep-alive HTTP/1.1 answer (a cached rendering is reused)."""
+        answer = self._answer(method, target, headers, body)
+        if isinstance(answer, _Rendered):
+            return answer.bytes()
+        return reply.head(answer, len(answer.body)) + answer.body
+
+    def _answer(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Reply | _Rendered:
         try:
             return self._handle("GET" if method == "HEAD" else method, target, headers, body)
         except _Refused as exc:
             level = logging.WARNING if exc.reply.status in (400, 401, 403) else logging.INFO
-            log.log(level, "%s %r → %d: %s", method, target[:200], exc.reply.status, exc)
+            if log.isEnabledFor(level):
+                log.log(level, "%s %r → %d: %s", method, target[:200], exc.reply.status, exc)
             return exc.reply
 
     def _handle(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Reply:
+    ) -> Reply | _Rendered:
         if method not in _METHODS:
             return reply.not_allowed("GET, HEAD")
-        parts = split_path(target)
+        parts = _split_cached(target)
         if not parts:
             # Nova answers the EC2 version list before looking at any identity.
             return ec2.VERSION_LIST if method == "GET" else reply.not_allowed("GET, HEAD")
@@ -147,12 +208,14 @@ class MetadataApp:
             return self._token(method, entry.view, found)
         self._check_token(entry.view, found)
         if method == "GET":
-            answer = entry.answers.get(parts)
-            if answer is None:
-                answer = self._render(entry.view, parts, method, body)
-                # Only what exists is kept: the tree is finite, a guest's random paths are not.
-                if answer.status == 200 and len(entry.answers) < ANSWERS_PER_INSTANCE:
-                    entry.answers[parts] = answer
+            rendered = entry.answers.get(parts)
+            if rendered is not None:
+                return rendered
+            answer = self._render(entry.view, parts, method, body)
+            # Only what exists is kept: the tree is finite, a guest's random paths are not.
+            if answer.status == 200 and len(entry.answers) < ANSWERS_PER_INSTANCE:
+                rendered = entry.answers[parts] = _Rendered(answer)
+                return rendered
         else:
             answer = self._render(entry.view, parts, method, body)
             if answer is openstack.PASSWORD_STORE:
@@ -178,7 +241,7 @@ class MetadataApp:
                 raise _Refused(400, f"{name.decode()} header {what}")
             values.append(got[0].decode("latin-1"))
         instance_id, tenant_id, signature = values
-        if not verify_instance_id(self._secret, instance_id, signature):
+        if not self._verify(instance_id, signature):
             raise _Refused(403, f"bad signature for instance {instance_id[:64]!r}")
         entry = self._entry(instance_id)
         if entry is None:
@@ -188,6 +251,18 @@ class MetadataApp:
                 404, f"instance {instance_id} belongs to another project than {tenant_id[:64]!r}"
             )
         return entry
+
+    def _verify(self, instance_id: str, signature: str) -> bool:
+        """verify_instance_id, with the expected signature (HMAC of the ID) computed once."""
+        expected = self._signatures.get(instance_id)
+        if expected is None:
+            if len(self._signatures) >= CACHE_SIZE:
+                self._signatures.clear()
+            expected = self._signatures[instance_id] = sign_instance_id(
+                self._secret, instance_id
+            ).encode("ascii")
+        # hmac.compare_digest: constant time, as verify_instance_id compares.
+        return hmac.compare_digest(expected, signature.encode("utf-8", "replace"))
 
     def _entry(self, instance_id: str) -> _Entry | None:
         """The cached view and answers, dropped whenever the store changed (any process)."""
@@ -273,14 +348,20 @@ class _Reject(Exception):
 
 
 class _HttpProtocol(asyncio.Protocol):
-    """One connection: httptools parses, MetadataApp answers, in order (pipelining is safe)."""
+    """One connection: httptools parses, MetadataApp answers, in order (pipelining is safe).
+
+    The answers to every request one read holds go out in one write.
+    """
 
     def __init__(self, app: MetadataApp, connections: set[_HttpProtocol]) -> None:
         self._app = app
         self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
+        self._last = 0.0  # loop time of the last bytes received
+        self._out: list[bytes] = []  # answers to the requests of the read being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -290,7 +371,8 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._connections.add(self)
-        self._arm()
+        self._last = self._loop.time()
+        self._idle = self._loop.call_later(IDLE_TIMEOUT, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
@@ -308,10 +390,16 @@ class _HttpProtocol(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 
-    def _arm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self.close)
+    def _check_idle(self) -> None:
+        """Close after IDLE_TIMEOUT without a byte (one timer per connection, not per read)."""
+        self._idle = None
+        if self._transport is None:
+            return
+        quiet = self._loop.time() - self._last
+        if quiet >= IDLE_TIMEOUT:
+            self.close()
+        else:
+            self._idle = self._loop.call_later(IDLE_TIMEOUT - quiet, self._check_idle)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -322,14 +410,28 @@ class _HttpProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        self._arm()
+        self._last = self._loop.time()
         try:
             self._parser.feed_data(data)
         except (_Reject, httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # httptools wraps an exception raised in a callback: the cause carries our status.
             reject = exc if isinstance(exc, _Reject) else exc.__cause__ or exc.__context__
             status = reject.status if isinstance(reject, _Reject) else 400
-            self._send(reply.error(status), head_only=False, keep_alive=False)
+            self._out.append(reply.head(reply.error(status), 0, close=True))
+            self._out.append(reply.error(status).body)
+            self._flush(close=True)
+            return
+        if self._out:
+            self._flush(close=False)
+
+    def _flush(self, *, close: bool) -> None:
+        out, self._out = self._out, []
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            transport.close()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -355,29 +457,21 @@ class _HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("ascii", "replace")
+        keep_alive = self._parser.should_keep_alive()
+        body = b"".join(self._body) if self._body else b""
         try:
-            answer = self._app.handle(method, self._url, self._headers, b"".join(self._body))
+            if keep_alive and method != "HEAD":
+                self._out.append(self._app.handle_bytes(method, self._url, self._headers, body))
+                return
+            answer = self._app.handle(method, self._url, self._headers, body)
         except Exception:
             log.exception("metadata request %s %r failed", method, self._url[:200])
             answer = reply.error(500)
-        self._send(answer, head_only=method == "HEAD", keep_alive=self._parser.should_keep_alive())
-
-    def _send(self, answer: Reply, *, head_only: bool, keep_alive: bool) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        lines = [
-            b"HTTP/1.1 %d %s" % (answer.status, reply.REASONS.get(answer.status, "").encode()),
-            b"Content-Type: " + answer.content_type,
-            b"Content-Length: %d" % len(answer.body),
-            *(name + b": " + value for name, value in answer.headers),
-        ]
+        self._out.append(reply.head(answer, len(answer.body), close=not keep_alive))
+        if method != "HEAD":
+            self._out.append(answer.body)
         if not keep_alive:
-            lines.append(b"Connection: close")
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
-        transport.write(head if head_only else head + answer.body)
-        if not keep_alive:
-            transport.close()
+            self._flush(close=True)
 
 
 class MetadataServer:
