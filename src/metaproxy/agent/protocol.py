@@ -12,13 +12,13 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import cast
 
 import httptools
 
-from metaproxy.agent.upstream import Reply, generic_body
+from metaproxy.agent.identity import FORWARDED_FOR, NETWORK_HEADER, ROUTER_HEADER
+from metaproxy.agent.upstream import FORWARDED_HEADERS, Reply, generic_body
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,49 @@ IDLE_TIMEOUT = 60.0
 MAX_PENDING = 16  # pipelined requests queued before we stop reading
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One whole request as the front sent it (header names in their original case)."""
+# Header fields the agent reads, by lower-case name; every other field a front sends is dropped.
+IDENTITY_FIELDS = frozenset(
+    name.lower().encode() for name in (NETWORK_HEADER, ROUTER_HEADER, FORWARDED_FOR)
+)
+RELAYED_FIELDS = frozenset(name.lower().encode() for name in FORWARDED_HEADERS)
+_IDENTITY, _RELAYED, _LENGTH, _EXPECT = 1, 2, 3, 4
+_FIELDS = {
+    **dict.fromkeys(IDENTITY_FIELDS, _IDENTITY),
+    **dict.fromkeys(RELAYED_FIELDS, _RELAYED),
+    b"content-length": _LENGTH,
+    b"expect": _EXPECT,
+}
 
-    method: str
-    target: str
-    headers: list[tuple[str, str]]
-    body: bytes
+
+class Request:
+    """One whole request as the front sent it, reduced to what the agent reads.
+
+    `identity`: the identity fields (lower-case name, value), in order, every occurrence;
+    `relayed`: the allow-listed client fields (lower-case name, value), in order.
+    """
+
+    __slots__ = ("body", "identity", "keep_alive", "method", "relayed", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        identity: tuple[tuple[bytes, bytes], ...],
+        relayed: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.identity = identity
+        self.relayed = relayed
+        self.body = body
+        self.keep_alive = keep_alive
 
     def getall(self, name: str) -> list[str]:
-        """Every value of header `name`, compared case-insensitively."""
-        lower = name.lower()
-        return [v for k, v in self.headers if k.lower() == lower]
+        """Every value of identity field `name`, compared case-insensitively."""
+        lower = name.lower().encode("latin-1")
+        return [v.decode("latin-1") for k, v in self.identity if k == lower]
 
 
 # The handler answers by calling its second argument exactly once, now or later.
@@ -52,11 +82,15 @@ class _Refuse(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
 class _Item:
-    request: Request | None  # None: answer `status` and close (a refused request)
-    keep_alive: bool
-    status: int = 400
+    """A pending answer: a request for the handler, or a refusal (`status`, then close)."""
+
+    __slots__ = ("keep_alive", "request", "status")
+
+    def __init__(self, request: Request | None, keep_alive: bool, status: int = 400) -> None:
+        self.request = request
+        self.keep_alive = keep_alive
+        self.status = status
 
 
 class AgentProtocol(asyncio.Protocol):
@@ -88,8 +122,10 @@ class AgentProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._identity: tuple[tuple[bytes, bytes], ...] = ()
+        self._relayed: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_bytes = 0
 
@@ -137,23 +173,37 @@ class AgentProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head:
+            raise _Refuse(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        self._count(len(name) + len(value) + 4)
-        if len(self._headers) > MAX_HEADERS:
+        headers = self._headers
+        headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head or len(headers) > MAX_HEADERS:
             raise _Refuse(431)
 
     def on_headers_complete(self) -> None:
         expect = False
+        identity = []
+        relayed = []
         for name, value in self._headers:
             lower = name.lower()
-            if lower == "content-length" and value.isdigit():
-                if int(value) > self._max_body:
+            kind = _FIELDS.get(lower)
+            if kind is None:
+                continue
+            if kind == _IDENTITY:
+                identity.append((lower, value))
+            elif kind == _RELAYED:
+                relayed.append((lower, value))
+            elif kind == _LENGTH:
+                if value.isdigit() and int(value) > self._max_body:
                     raise _Refuse(413)
-            elif lower == "expect" and value.strip().lower() == "100-continue":
+            elif value.strip().lower() == b"100-continue":
                 expect = True
+        self._identity = tuple(identity)
+        self._relayed = relayed
         # RFC 9110 §10.1.1: a client that sent Expect waits for 100 before its body; answer it
         # when nothing else is owed on this connection (an interim answer must not overtake).
         if expect and not self.busy and self._transport is not None:
@@ -166,18 +216,17 @@ class AgentProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
         request = Request(
-            self._parser.get_method().decode("ascii"),
+            _method(parser.get_method()),
             self._url.decode("latin-1"),
-            self._headers,
-            b"".join(self._body),
+            self._identity,
+            self._relayed,
+            b"".join(self._body) if self._body else b"",
+            keep_alive,
         )
-        self._enqueue(_Item(request, keep_alive=self._parser.should_keep_alive()))
-
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self._max_head:
-            raise _Refuse(431)
+        self._enqueue(_Item(request, keep_alive))
 
     # -- answering, in order ----------------------------------------------------------------
 
@@ -245,6 +294,18 @@ class AgentProtocol(asyncio.Protocol):
             return
         wait = IDLE_TIMEOUT if self.busy else max(IDLE_TIMEOUT - quiet, 0.01)
         self._idle = self._loop.call_later(wait, self._check_idle)
+
+
+_METHODS: dict[bytes, str] = {}
+
+
+def _method(raw: bytes) -> str:
+    method = _METHODS.get(raw)
+    if method is None:
+        method = raw.decode("ascii")
+        if len(_METHODS) < 64:
+            _METHODS[raw] = method
+    return method
 
 
 _HEADS: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}

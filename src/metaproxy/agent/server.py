@@ -21,20 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from metaproxy.agent.config import AgentConfig
-from metaproxy.agent.identity import (
-    FORWARDED_FOR,
-    NETWORK_HEADER,
-    ROUTER_HEADER,
-    ClientKey,
-    client_key,
-)
+from metaproxy.agent.identity import ClientKey, client_key
 from metaproxy.agent.listener import Listener, bind_unix
 from metaproxy.agent.lookup import NotFound, PortRegistry, Registry
 from metaproxy.agent.protocol import AgentProtocol, Request
 from metaproxy.agent.upstream import Reply, Upstream, generic_body
 from metaproxy.config import resolve_group
 from metaproxy.errors import ClientProtocolError, UpstreamError
-from metaproxy.metadata.records import PortDirectory
+from metaproxy.metadata.records import PortDirectory, PortMatch
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +57,7 @@ class AgentServer:
         self._owns_listener = True
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[AgentProtocol] = set()
-        self._keys: dict[tuple[tuple[str, str], ...], ClientKey] = {}
+        self._keys: dict[tuple[tuple[bytes, bytes], ...], ClientKey] = {}
 
     @property
     def socket_path(self) -> Path:
@@ -148,13 +142,10 @@ class AgentServer:
 
     def _handle(self, request: Request, done: Callable[[Reply], None]) -> None:
         """Check the identity, look the port up, relay; `done` gets the answer, once."""
-
-        def answer(reply: Reply) -> None:
-            self.statuses[reply.status] += 1
-            done(reply)
-
         try:
-            key = self._client_key(request.headers)
+            key = self._keys.get(request.identity)
+            if key is None:
+                key = self._client_key(request)
             if not request.target.startswith("/"):
                 raise ClientProtocolError(
                     f"request target {request.target[:80]!r} is not origin-form"
@@ -162,77 +153,99 @@ class AgentServer:
         except ClientProtocolError as exc:
             # Fronts build these headers themselves: a bad one is a front bug or a spoof.
             log.warning("refusing request from a front: %s", exc)
-            answer(_error(exc.status_hint))
+            self.statuses[exc.status_hint] += 1
+            done(_error(exc.status_hint))
             return
-        self._guarded(lambda: self._relay(request, key, answer), answer)
+        relay = _Relay(self, request, key, done)
+        relay.guarded(relay.start)
 
-    def _client_key(self, headers: list[tuple[str, str]]) -> ClientKey:
-        """client_key() of the identity headers, remembered for the exact same header values.
+    def _client_key(self, request: Request) -> ClientKey:
+        """client_key() of the identity fields, remembered for the exact same fields.
 
-        client_key is pure: the same identity headers (names, values, order) always give the
-        same key, so a cached answer is the answer; anything it refuses is never cached.
+        client_key is pure: the same identity fields (names, values, order) always give the
+        same key, so a remembered key is the key; anything it refuses is never remembered.
         """
-        found = tuple((low, v) for k, v in headers if (low := k.lower()) in _IDENTITY_NAMES)
-        key = self._keys.get(found)
-        if key is None:
-            key = client_key(lambda name: [v for k, v in found if k == name.lower()])
-            if len(self._keys) >= _KEY_CACHE:
-                self._keys.clear()
-            self._keys[found] = key
+        key = client_key(request.getall)
+        if len(self._keys) >= _KEY_CACHE:
+            self._keys.clear()
+        self._keys[request.identity] = key
         return key
 
-    @staticmethod
-    def _guarded(step: Callable[[], None], answer: Callable[[Reply], None]) -> None:
-        """Run one step of a request; a refusal or failure becomes its answer."""
+
+_KEY_CACHE = 65536
+
+
+class _Relay:
+    """One request from lookup to answer, including the one retry after a server 404."""
+
+    __slots__ = ("agent", "cached", "done", "key", "match", "request")
+
+    def __init__(
+        self,
+        agent: AgentServer,
+        request: Request,
+        key: ClientKey,
+        done: Callable[[Reply], None],
+    ) -> None:
+        self.agent = agent
+        self.request = request
+        self.key = key
+        self.done = done
+        self.match: PortMatch | None = None  # once looked up
+        self.cached = False
+
+    def answer(self, reply: Reply) -> None:
+        self.agent.statuses[reply.status] += 1
+        self.done(reply)
+
+    def guarded(self, step: Callable[[], None]) -> None:
+        """Run one step; a refusal or failure becomes the answer."""
         try:
             step()
         except NotFound as exc:
             log.info("no single port for this request: %s", exc)
-            answer(_error(404))
+            self.answer(_error(404))
         except ClientProtocolError as exc:
             log.warning("refusing request from a front: %s", exc)
-            answer(_error(exc.status_hint))
+            self.answer(_error(exc.status_hint))
         except Exception:
             log.exception("unexpected error while relaying a metadata request")
-            answer(_error(500))
+            self.answer(_error(500))
 
-    def _relay(self, request: Request, key: ClientKey, answer: Callable[[Reply], None]) -> None:
-        match, cached = self.registry.resolve(key)
-        method, target, headers, body = (
-            request.method,
-            request.target,
-            request.headers,
-            request.body,
+    def start(self) -> None:
+        match, self.cached = self.agent.registry.resolve(self.key)
+        self.match = match
+        self._send(match, self.relayed)
+
+    def _send(self, match: PortMatch, then: Callable[[Reply], None]) -> None:
+        request = self.request
+        self.agent.upstream.submit(
+            request.method, request.target, request.relayed, request.body, match, self.key.ip, then
         )
 
-        def relayed(reply: Reply) -> None:
-            if reply.status == 404 and cached:
-                self._guarded(lambda: retry(reply), answer)
-            else:
-                answer(reply)
+    def relayed(self, reply: Reply) -> None:
+        if reply.status == 404 and self.cached:
+            self.guarded(lambda: self._retry(reply))
+        else:
+            self.answer(reply)
 
-        def retry(reply: Reply) -> None:
-            # The metadata server does not know a cached instance: the port may have moved to
-            # another instance since. Ask the store once more, and retry if the answer changed.
-            fresh, _ = self.registry.resolve(key, fresh=True)
-            if fresh == match:
-                answer(reply)
-                return
-            log.info(
-                "port for %s on %s %s moved from instance %s to %s: retrying",
-                key.ip,
-                key.kind,
-                key.id,
-                match.instance_id,
-                fresh.instance_id,
-            )
-            self.upstream.submit(method, target, headers, body, fresh, key.ip, answer)
-
-        self.upstream.submit(method, target, headers, body, match, key.ip, relayed)
-
-
-_IDENTITY_NAMES = frozenset(n.lower() for n in (NETWORK_HEADER, ROUTER_HEADER, FORWARDED_FOR))
-_KEY_CACHE = 65536
+    def _retry(self, reply: Reply) -> None:
+        # The metadata server does not know a cached instance: the port may have moved to
+        # another instance since. Ask the store once more, and retry if the answer changed.
+        key, match = self.key, self.match
+        fresh, _ = self.agent.registry.resolve(key, fresh=True)
+        if match is None or fresh == match:
+            self.answer(reply)
+            return
+        log.info(
+            "port for %s on %s %s moved from instance %s to %s: retrying",
+            key.ip,
+            key.kind,
+            key.id,
+            match.instance_id,
+            fresh.instance_id,
+        )
+        self._send(fresh, self.answer)
 
 
 def listen(cfg: AgentConfig) -> Listener:

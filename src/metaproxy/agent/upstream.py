@@ -5,7 +5,6 @@ One keep-alive pool (agent/client.py) per agent, over TCP, TLS or a Unix socket.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import ssl
@@ -133,10 +132,11 @@ class Upstream:
         else:
             host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
             self._host = f"{host}:{cfg.port}".encode("idna")
+        self._host_line = b"Host: " + self._host + b"\r\n"
         self._pool: HttpPool | None = None
-        # (port match, client address) → the four identity header lines, signed. The signature
-        # is HMAC(secret, instance ID): constant per instance, so computed once per entry.
-        self._signed: dict[tuple[PortMatch, str], bytes] = {}
+        # (instance, project, client address) → the four identity header lines, signed. The
+        # signature is HMAC(secret, instance ID): constant per instance, so computed once.
+        self._signed: dict[tuple[str, str, str], bytes] = {}
 
     async def start(self) -> None:
         cfg = self._cfg
@@ -166,71 +166,41 @@ class Upstream:
         self,
         method: str,
         target: str,
-        client_headers: Iterable[tuple[str, str]],
+        relayed: list[tuple[bytes, bytes]],
         body: bytes,
         match: PortMatch,
         forwarded_for: str,
         done: ReplyDone,
     ) -> None:
-        """Send the signed request; `done` gets what the front should see (never raises after
-        the request left: a failure is mapped to its status). A header that cannot be relayed
-        raises ClientProtocolError before anything is sent."""
+        """Send the signed request; `done` gets what the front should see.
+
+        `relayed`: the client's fields as (lower-case name, value); only FORWARDED_HEADERS
+        go upstream, each once. Once the request is sent, a failure is an answer (its
+        status); a field that cannot be relayed raises ClientProtocolError before that.
+        """
         pool = self._pool
         if pool is None:
             raise RuntimeError("Upstream.start() was not called")
-        data = self._encode(method, target, client_headers, body, match, forwarded_for)
-        observe = self._observe
-        started = time.perf_counter() if observe is not None else 0.0
-
-        def answered(answer: Answer | None, error: UpstreamError | None) -> None:
-            if observe is not None:
-                observe(match, time.perf_counter() - started)
-            if answer is not None:
-                done(self._reply(answer))
-                return
-            error = error or UpstreamError("no answer")
-            log.warning(
-                "metadata server %s failed for instance %s: %s",
-                self._cfg.url,
-                match.instance_id,
-                error,
-            )
-            done(Reply(error.status_hint, generic_body(error.status_hint)))
-
+        data = self._encode(method, target, relayed, body, match, forwarded_for)
         pool.submit(
-            data, head=method == "HEAD", method=method, timeout=self._cfg.timeout, done=answered
+            data,
+            head=method == "HEAD",
+            method=method,
+            timeout=self._cfg.timeout,
+            done=_Answered(self, match, done).answered,
         )
-
-    async def forward(
-        self,
-        method: str,
-        target: str,
-        client_headers: Iterable[tuple[str, str]],
-        body: bytes,
-        match: PortMatch,
-        forwarded_for: str,
-    ) -> Reply:
-        """`submit` as a coroutine."""
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-
-        def done(reply: Reply) -> None:
-            if not future.done():
-                future.set_result(reply)
-
-        self.submit(method, target, client_headers, body, match, forwarded_for, done)
-        return await future
 
     def _encode(
         self,
         method: str,
         target: str,
-        client_headers: Iterable[tuple[str, str]],
+        relayed: list[tuple[bytes, bytes]],
         body: bytes,
         match: PortMatch,
         forwarded_for: str,
     ) -> bytes:
         """serialize_request(upstream_headers(...)), byte for byte, with the signed part cached."""
-        key = (match, forwarded_for)
+        key = (match.instance_id, match.project_id, forwarded_for)
         signed = self._signed.get(key)
         if signed is None:
             if len(self._signed) >= _SIGNED_CACHE:
@@ -243,22 +213,15 @@ class Upstream:
                     "X-Instance-ID-Signature": sign_instance_id(self._secret, match.instance_id),
                 }
             )
-        relayed: dict[str, str] = {}
-        for name, value in client_headers:
-            canonical = _WANTED.get(name.lower())
-            if canonical is not None and canonical not in relayed:
-                relayed[canonical] = value
-        parts = [
-            f"{method} {target} HTTP/1.1\r\n".encode("latin-1"),
-            b"Host: " + self._host + b"\r\n",
-        ]
+        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
         if relayed:
-            parts.append(_header_lines(relayed))
+            parts.append(_client_lines(relayed))
         parts.append(signed)
         if body or method in ("POST", "PUT", "PATCH"):
             parts.append(b"Content-Length: %d\r\n" % len(body))
         parts.append(b"\r\n")
-        parts.append(body)
+        if body:
+            parts.append(body)
         return b"".join(parts)
 
     def _reply(self, answer: Answer) -> Reply:
@@ -280,16 +243,83 @@ class Upstream:
             log.warning("metadata server %s answered %d", self._cfg.url, status)
         if status not in BODY_PASSED:
             return Reply(status, generic_body(status))
-        found: dict[str, str] = {}
+        content_type = ttl = None
         for key, value in answer.headers:
-            name = _RETURNED.get(key.lower())
-            if name is not None and name not in found:
-                found[name] = value.decode("latin-1")
-        kept = tuple((name, found[name]) for name in RETURNED_HEADERS if name in found)
+            lower = key.lower()
+            if lower == _CONTENT_TYPE:
+                if content_type is None:
+                    content_type = value
+            elif lower == _TTL and ttl is None:
+                ttl = value
+        kept = _KEPT.get((content_type, ttl))
+        if kept is None:
+            kept = _kept(content_type, ttl)
         return Reply(status, answer.body, kept)
 
 
-_RETURNED = {name.lower().encode(): name for name in RETURNED_HEADERS}
+_CONTENT_TYPE, _TTL = (name.lower().encode() for name in RETURNED_HEADERS)
+_KEPT: dict[tuple[bytes | None, bytes | None], tuple[tuple[str, str], ...]] = {}
+
+
+def _kept(content_type: bytes | None, ttl: bytes | None) -> tuple[tuple[str, str], ...]:
+    """The returned headers as the front gets them (remembered: a handful of kinds)."""
+    kept = tuple(
+        (name, value.decode("latin-1"))
+        for name, value in zip(RETURNED_HEADERS, (content_type, ttl), strict=True)
+        if value is not None
+    )
+    if len(_KEPT) >= 1024:
+        _KEPT.clear()
+    _KEPT[(content_type, ttl)] = kept
+    return kept
+
+
+_CANONICAL = {name.lower().encode(): name.encode() for name in FORWARDED_HEADERS}
+
+
+class _Answered:
+    """Turns the pool's answer (or failure) for one request into the front's Reply."""
+
+    __slots__ = ("done", "match", "started", "upstream")
+
+    def __init__(self, upstream: Upstream, match: PortMatch, done: ReplyDone) -> None:
+        self.upstream = upstream
+        self.match = match
+        self.done = done
+        self.started = time.perf_counter() if upstream._observe is not None else 0.0
+
+    def answered(self, answer: Answer | None, error: UpstreamError | None) -> None:
+        upstream = self.upstream
+        if upstream._observe is not None:
+            upstream._observe(self.match, time.perf_counter() - self.started)
+        if answer is not None:
+            self.done(upstream._reply(answer))
+            return
+        error = error or UpstreamError("no answer")
+        log.warning(
+            "metadata server %s failed for instance %s: %s",
+            upstream._cfg.url,
+            self.match.instance_id,
+            error,
+        )
+        self.done(Reply(error.status_hint, generic_body(error.status_hint)))
+
+
+def _client_lines(relayed: list[tuple[bytes, bytes]]) -> bytes:
+    """The allow-listed client fields, first occurrence of each, as they will be relayed."""
+    lines = []
+    seen = set()
+    for lower, value in relayed:
+        canonical = _CANONICAL.get(lower)
+        if canonical is None or canonical in seen:
+            continue
+        seen.add(canonical)
+        if _BAD_VALUE.search(value):
+            raise ClientProtocolError(f"control character in header {canonical.decode()}")
+        lines.append(canonical + b": " + value + b"\r\n")
+    return b"".join(lines)
+
+
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 

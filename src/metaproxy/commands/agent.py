@@ -72,6 +72,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "cache_ttl", metavar="SECONDS", type=float, help="port cache lifetime")
     _flag(
         parser,
+        "pipeline",
+        metavar="N",
+        type=int,
+        help="GETs in flight at once per upstream connection (1: no pipelining; more only for "
+        "a server that answers pipelined requests in order, such as the embedded one)",
+    )
+    _flag(
+        parser,
         "store",
         metavar="PATH",
         type=Path,
@@ -126,8 +134,13 @@ def _apply_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
         changes["workers"] = args.metadata_workers
     if args.cache_ttl is not None:
         changes["cache_ttl"] = args.cache_ttl
+    upstream: dict[str, Any] = {}
     if args.metadata_url is not None:
-        changes["upstream"] = dataclasses.replace(config.upstream, **_url_fields(args.metadata_url))
+        upstream.update(_url_fields(args.metadata_url))
+    if args.pipeline is not None:
+        upstream["pipeline"] = args.pipeline
+    if upstream:
+        changes["upstream"] = dataclasses.replace(config.upstream, **upstream)
     return dataclasses.replace(config, **changes) if changes else config
 
 
