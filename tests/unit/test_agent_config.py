@@ -85,6 +85,7 @@ shared_secret_file = "{secret_file}"
 metadata_url = "unix:/run/metaproxy/metadata.sock"
 cache_ttl = 5
 backlog = 64
+pipeline = 16
 
 [store]
 path = "/var/lib/metaproxy/metaproxy.db"
@@ -98,6 +99,7 @@ path = "/var/lib/metaproxy/metaproxy.db"
     assert cfg.upstream.scheme == "unix"
     assert cfg.upstream.unix_path == Path("/run/metaproxy/metadata.sock")
     assert (cfg.cache_ttl, cfg.backlog) == (5.0, 64)
+    assert cfg.upstream.pipeline == 16
 
 
 def test_environment_overrides_the_table() -> None:
@@ -165,6 +167,8 @@ def test_metadata_url_forms(url: str, expected: tuple[Any, ...]) -> None:
         pytest.param({"client_key": "/c.key"}, "agent.client_cert", id="key-without-cert"),
         pytest.param({"ca_cert": "ca.pem"}, "agent.ca_cert", id="relative-ca"),
         pytest.param({"timeout": 0}, "agent.timeout", id="timeout-zero"),
+        pytest.param({"pipeline": 0}, "agent.pipeline", id="pipeline-zero"),
+        pytest.param({"pipeline": 1000}, "agent.pipeline", id="pipeline-too-deep"),
         pytest.param({"proxy_user": "no-such-user-xyz"}, "agent.proxy_user", id="unknown-user"),
         pytest.param({"sockett": "/x"}, "agent.sockett", id="unknown-key"),
     ],
@@ -232,3 +236,23 @@ def test_unreadable_tls_files_are_a_config_error_naming_them(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"missing-ca\.pem") as info:
         Upstream(cfg.upstream, cfg.shared_secret)
     assert "s3cr3t-value" not in str(info.value)
+
+
+def test_pipeline_flag_keeps_the_url_and_sets_the_depth(tmp_path: Path) -> None:
+    import argparse
+
+    from metaproxy.commands import agent as command
+
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    flags = ["--shared_secret_file", str(secret), "--metadata_url", "unix:/run/md.sock"]
+    args = parser.parse_args([*flags, "--pipeline", "32"])
+    cfg, _ = command.config_from_args(args, {})
+    assert (cfg.upstream.scheme, cfg.upstream.unix_path) == ("unix", Path("/run/md.sock"))
+    assert cfg.upstream.pipeline == 32
+    default, _ = command.config_from_args(
+        parser.parse_args(["--shared_secret_file", str(secret)]), {}
+    )
+    assert default.upstream.pipeline == 1

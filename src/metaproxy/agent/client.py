@@ -98,6 +98,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.used = 0  # answers completed on this connection
         self.exclusive = False  # carrying a request that must be alone (POST, PUT, HEAD)
+        self.announced = False  # the server ended an answer with Connection: close
         self._reset()
 
     def _reset(self) -> None:
@@ -153,6 +154,7 @@ class _Conn(asyncio.Protocol):
         self._reset()
         if not keep:
             self.closed = True  # nothing more is read from it; what is queued goes elsewhere
+            self.announced = True
         exchange.finish(answer, None)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -244,6 +246,7 @@ class HttpPool:
         self._busy: set[_Conn] = set()  # something in flight
         self._open = 0  # connections made or being made
         self._waiting: collections.deque[_Exchange] = collections.deque()
+        self._opening: list[list[_Exchange]] = []  # requests for connections being made
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = SWEEP
         self._closing = False
@@ -329,11 +332,22 @@ class HttpPool:
         if conn is not None:
             self._busy.add(conn)
             conn.send(exchange)
-        elif self._open < self._limit:
-            self._open += 1
-            asyncio.get_running_loop().create_task(self._connect(exchange))
+            return
+        if exchange.pipelined:
+            for batch in self._opening:  # a connection on its way: queue there
+                if len(batch) < self._depth and batch[0].pipelined:
+                    batch.append(exchange)
+                    return
+        if self._open < self._limit:
+            self._open_for(exchange)
         else:
             self._waiting.append(exchange)
+
+    def _open_for(self, exchange: _Exchange) -> None:
+        self._open += 1
+        batch = [exchange]
+        self._opening.append(batch)
+        asyncio.get_running_loop().create_task(self._connect(batch))
 
     def _shared(self, exchange: _Exchange) -> _Conn | None:
         """A busy connection that `exchange` may queue behind (pipelining), or None."""
@@ -356,7 +370,8 @@ class HttpPool:
             self._open -= 1
         return None
 
-    async def _connect(self, exchange: _Exchange) -> None:
+    async def _connect(self, batch: list[_Exchange]) -> None:
+        """Open a connection for `batch` (which may grow meanwhile), then send it all."""
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await self._connect_fn(lambda: _Conn(self))
@@ -371,26 +386,40 @@ class HttpPool:
                 f"metadata server unreachable: {exc.strerror or exc}", status_hint=503
             )
         else:
-            if exchange.finished or self._closing:  # timed out meanwhile, or stopping
+            self._opening.remove(batch)
+            live = [exchange for exchange in batch if not exchange.finished]
+            if not live or self._closing:  # timed out meanwhile, or stopping
                 self._open -= 1
                 conn.close()
+                for exchange in live:
+                    exchange.finish(None, UpstreamError("the agent is stopping", status_hint=503))
                 self._next()
                 return
             self._busy.add(conn)
-            conn.send(exchange)
+            for exchange in live:
+                conn.send(exchange)
             return
+        self._opening.remove(batch)
         self._open -= 1
-        exchange.finish(None, error)
+        for exchange in batch:
+            exchange.finish(None, error)
         self._next()
 
     def _released(self, conn: _Conn) -> None:
-        """`conn` has nothing in flight any more: give it a waiting request, or keep it idle."""
+        """`conn` has nothing in flight any more: give it waiting requests, or keep it idle."""
         self._busy.discard(conn)
         conn.exclusive = False
-        if self._waiting:
-            self._busy.add(conn)
-            conn.send(self._waiting.popleft())
-        elif len(self._idle) < MAX_IDLE and not self._closing:
+        while self._waiting and len(conn.queue) < self._depth:
+            exchange = self._waiting[0]
+            if conn.queue and (conn.exclusive or not exchange.pipelined):
+                break
+            self._waiting.popleft()
+            if not exchange.finished:
+                self._busy.add(conn)
+                conn.send(exchange)
+        if conn.queue:
+            return
+        if len(self._idle) < MAX_IDLE and not self._closing:
             self._idle.append(conn)
         else:
             self._open -= 1
@@ -415,13 +444,16 @@ class HttpPool:
             # connection that had answered before (pooled, closed while idle) or one queued
             # behind it received nothing. A fresh connection that fails its first request is
             # the server's fault, not staleness: that request fails.
+            # Behind an answer that announced the close, the server processed nothing more
+            # (RFC 9112 §9.6): such requests go again without using up their one retry, and
+            # every round answers at least one, so this ends.
             answering = first and (conn.received or conn.used == 0)
-            if answering or exchange.retried:
+            if answering or (exchange.retried and not conn.announced):
                 exchange.finish(
                     None, error or UpstreamError("metadata server closed the connection early")
                 )
             else:
-                exchange.retried = True
+                exchange.retried = exchange.retried or not conn.announced
                 self._dispatch(exchange)
             first = False
         self._next()
@@ -430,10 +462,8 @@ class HttpPool:
         """A connection slot was freed: open one for the first waiting request."""
         while self._waiting and self._open < self._limit and not self._closing:
             exchange = self._waiting.popleft()
-            if exchange.finished:
-                continue
-            self._open += 1
-            asyncio.get_running_loop().create_task(self._connect(exchange))
+            if not exchange.finished:
+                self._open_for(exchange)
 
     # -- expiry -----------------------------------------------------------------------------
 
@@ -447,6 +477,10 @@ class HttpPool:
                 if exchange.deadline <= now:
                     exchange.finish(None, _too_slow())
             self._waiting = kept
+        for batch in self._opening:
+            for exchange in batch:
+                if exchange.deadline <= now:
+                    exchange.finish(None, _too_slow())
         for conn in list(self._busy):
             if any(e.deadline <= now for e in conn.queue):
                 # The late answer would arrive on this connection later: it cannot be reused.
@@ -454,7 +488,7 @@ class HttpPool:
                     if exchange.deadline <= now:
                         exchange.finish(None, _too_slow())
                 conn._drop(_too_slow())
-        if self._busy or self._waiting:
+        if self._busy or self._waiting or self._opening:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
 
