@@ -106,6 +106,8 @@ def run(ctx: Context) -> ScenarioResult:
         "store queries/req: calls of the store's PortDirectory methods counted inside the "
         "agent process during the run, divided by requests",
         f"metaproxy processes run with --log-level {opts.log_level}",
+        f"agents run with --pipeline {stack.pipeline()} (GETs may share a connection to the "
+        "metadata server), as `metaproxy up` configures an agent for its embedded server",
     ]
     table.notes += [
         f"{f.label}: unavailable ({f.error})" for f, _, _ in systems_under_test if not f.up

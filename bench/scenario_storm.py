@@ -128,7 +128,8 @@ def run(ctx: Context) -> ScenarioResult:
         f"each instance: {len(sequence)} requests on one keep-alive connection from its own "
         "source address (127.1.x.y, mapped to its port in the store), the sequence cloud-init "
         "22.4.2's OpenStack datasource makes (/openstack x2, 5 files, the EC2 meta-data walk)",
-        "front on 127.0.0.1 -> agent (cache_ttl 30 s) -> embedded metadata server; the load "
+        f"front on 127.0.0.1 -> agent (cache_ttl 30 s, --pipeline {stack.pipeline()}) -> "
+        "embedded metadata server; the load "
         "generator (Python, uvloop, one process) shares the 2 cores; CPU s = front + agent + "
         "server during the storm; the first request of an instance includes its TCP connect; "
         "an error is a timeout (10 s), a broken connection, or a "

@@ -11,6 +11,7 @@ from pathlib import Path
 from bench import agentchild, inventory
 from bench.context import REPO, Context, metaproxy_argv, module_argv
 from bench.procs import BenchError, Child, unix_ready, wait_until
+from metaproxy.service.roles import EMBEDDED_PIPELINE
 
 
 @dataclass
@@ -80,6 +81,12 @@ def start_host(ctx: Context, addresses: list[str]) -> Host:
     return Host(store, secret, server_socket, server)
 
 
+def pipeline() -> int:
+    """The agents' --pipeline: as `metaproxy up` sets it for the embedded server (or
+    MP_BENCH_PIPELINE, to compare)."""
+    return int(os.environ.get("MP_BENCH_PIPELINE", EMBEDDED_PIPELINE))
+
+
 def start_agent(ctx: Context, host: Host, name: str, cache_ttl: float | None) -> Agent:
     sock = ctx.workdir / f"{name}.sock"
     counter = ctx.workdir / f"{name}.count"
@@ -98,6 +105,8 @@ def start_agent(ctx: Context, host: Host, name: str, cache_ttl: float | None) ->
         "--metadata_url",
         f"unix:{host.server_socket}",
         *(["--cache_ttl", f"{cache_ttl:g}"] if cache_ttl is not None else []),
+        "--pipeline",
+        str(pipeline()),
     ]
     child = ctx.track(Child(name, argv, ctx.workdir, cwd=REPO))
     wait_until(f"agent {name}", unix_ready(sock), 30, child)

@@ -205,18 +205,18 @@ async def test_a_warm_request_creates_no_task(
 @pytest.mark.parametrize(
     "relayed",
     [
-        [],
-        [(b"accept", b"*/*")],
-        [(b"accept", b"a"), (b"content-type", b"t"), (b"accept", b"second")],
-        [
+        (),
+        ((b"accept", b"*/*"),),
+        ((b"accept", b"a"), (b"content-type", b"t"), (b"accept", b"second")),
+        (
             (b"x-aws-ec2-metadata-token", b"t\xe9\xff"),
             (b"x-aws-ec2-metadata-token-ttl-seconds", b"9"),
-        ],
+        ),
     ],
 )
 @pytest.mark.parametrize(("method", "body"), [("GET", b""), ("PUT", b""), ("POST", b"pw")])
 async def test_fast_encoding_is_serialize_request_byte_for_byte(
-    short_tmp: Path, relayed: list[tuple[bytes, bytes]], method: str, body: bytes
+    short_tmp: Path, relayed: tuple[tuple[bytes, bytes], ...], method: str, body: bytes
 ) -> None:
     config = make_config(short_tmp, "unix:/nowhere.sock")
     up = Upstream(config.upstream, Secret(SECRET))

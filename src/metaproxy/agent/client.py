@@ -201,7 +201,7 @@ class _Conn(asyncio.Protocol):
         if not exchange.pipelined:
             self.exclusive = True
         if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.pool._call_soon(self.flush)
         self.out.append(exchange.data)
 
     def flush(self) -> None:
@@ -247,6 +247,7 @@ class HttpPool:
         self._open = 0  # connections made or being made
         self._waiting: collections.deque[_Exchange] = collections.deque()
         self._opening: list[list[_Exchange]] = []  # requests for connections being made
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = SWEEP
         self._closing = False
@@ -285,7 +286,9 @@ class HttpPool:
 
     def submit(self, data: bytes, *, head: bool, method: str, timeout: float, done: Done) -> None:
         """Send `data` (a whole serialized request); `done` gets the answer or the error."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         pipelined = self._depth > 1 and method == "GET" and not head
         exchange = _Exchange(data, head, pipelined, loop.time() + timeout, done)
         self._sweep_every = min(SWEEP, timeout / 10)
@@ -321,6 +324,12 @@ class HttpPool:
             self._sweeper = None
 
     # -- placing requests on connections ----------------------------------------------------
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(callback)
 
     def _dispatch(self, exchange: _Exchange) -> None:
         if self._closing:

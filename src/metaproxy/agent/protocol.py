@@ -55,7 +55,7 @@ class Request:
         method: str,
         target: str,
         identity: tuple[tuple[bytes, bytes], ...],
-        relayed: list[tuple[bytes, bytes]],
+        relayed: tuple[tuple[bytes, bytes], ...],
         body: bytes,
         keep_alive: bool = True,
     ) -> None:
@@ -125,7 +125,7 @@ class AgentProtocol(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._identity: tuple[tuple[bytes, bytes], ...] = ()
-        self._relayed: list[tuple[bytes, bytes]] = []
+        self._relayed: tuple[tuple[bytes, bytes], ...] = ()
         self._body: list[bytes] = []
         self._body_bytes = 0
 
@@ -203,7 +203,7 @@ class AgentProtocol(asyncio.Protocol):
             elif value.strip().lower() == b"100-continue":
                 expect = True
         self._identity = tuple(identity)
-        self._relayed = relayed
+        self._relayed = tuple(relayed)
         # RFC 9110 §10.1.1: a client that sent Expect waits for 100 before its body; answer it
         # when nothing else is owed on this connection (an interim answer must not overtake).
         if expect and not self.busy and self._transport is not None:

@@ -137,6 +137,8 @@ class Upstream:
         # (instance, project, client address) → the four identity header lines, signed. The
         # signature is HMAC(secret, instance ID): constant per instance, so computed once.
         self._signed: dict[tuple[str, str, str], bytes] = {}
+        # The client fields as relayed (a pure function of them; refusals are not kept).
+        self._relayed: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 
     async def start(self) -> None:
         cfg = self._cfg
@@ -166,7 +168,7 @@ class Upstream:
         self,
         method: str,
         target: str,
-        relayed: list[tuple[bytes, bytes]],
+        relayed: tuple[tuple[bytes, bytes], ...],
         body: bytes,
         match: PortMatch,
         forwarded_for: str,
@@ -194,7 +196,7 @@ class Upstream:
         self,
         method: str,
         target: str,
-        relayed: list[tuple[bytes, bytes]],
+        relayed: tuple[tuple[bytes, bytes], ...],
         body: bytes,
         match: PortMatch,
         forwarded_for: str,
@@ -215,7 +217,12 @@ class Upstream:
             )
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
         if relayed:
-            parts.append(_client_lines(relayed))
+            lines = self._relayed.get(relayed)
+            if lines is None:
+                if len(self._relayed) >= _SIGNED_CACHE:
+                    self._relayed.clear()
+                lines = self._relayed[relayed] = _client_lines(relayed)
+            parts.append(lines)
         parts.append(signed)
         if body or method in ("POST", "PUT", "PATCH"):
             parts.append(b"Content-Length: %d\r\n" % len(body))
@@ -305,7 +312,7 @@ class _Answered:
         self.done(Reply(error.status_hint, generic_body(error.status_hint)))
 
 
-def _client_lines(relayed: list[tuple[bytes, bytes]]) -> bytes:
+def _client_lines(relayed: tuple[tuple[bytes, bytes], ...]) -> bytes:
     """The allow-listed client fields, first occurrence of each, as they will be relayed."""
     lines = []
     seen = set()

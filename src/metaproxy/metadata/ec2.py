@@ -8,7 +8,6 @@ slash on a request is optional for both files and directories (`ec2-metadata` as
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Sequence
@@ -40,7 +39,8 @@ Tree = dict[str, Any]  # a directory: name → Tree, or str/bytes for a file
 def _first_ipv4(view: InstanceView) -> str | None:
     for port, _ in view.ports:
         for ip in port.fixed_ips:
-            if ipaddress.ip_address(ip).version == 4:
+            # Fixed IPs are stored in canonical text form: only IPv6 has a colon.
+            if ":" not in ip:
                 return ip
     return None
 
@@ -109,12 +109,15 @@ def _list(node: Tree, parts: Sequence[str], view: InstanceView) -> Reply:
     )
 
 
-def respond(view: InstanceView, parts: Sequence[str]) -> Reply:
-    """Answer GET `/<version>/<parts...>` for an instance already authenticated."""
+def respond(view: InstanceView, parts: Sequence[str], tree: Tree | None = None) -> Reply:
+    """Answer GET `/<version>/<parts...>` for an instance already authenticated.
+
+    `tree`: version_tree(view), when the caller keeps it (it is the same for every path).
+    """
     version = parts[0]
     if version != LATEST and version not in VERSIONS:
         return reply.NOT_FOUND
-    node: Tree | str | bytes = version_tree(view)
+    node: Tree | str | bytes = version_tree(view) if tree is None else tree
     for name in parts[1:]:
         if not isinstance(node, dict) or name not in node:
             return reply.NOT_FOUND

@@ -133,11 +133,12 @@ class _Rendered:
 class _Entry:
     """One instance's view and the GET answers already rendered for it."""
 
-    __slots__ = ("answers", "view")
+    __slots__ = ("answers", "ec2_tree", "view")
 
     def __init__(self, view: InstanceView) -> None:
         self.view = view
         self.answers: dict[tuple[str, ...], _Rendered] = {}
+        self.ec2_tree: ec2.Tree | None = None  # built at the first EC2 request
 
 
 class MetadataApp:
@@ -211,24 +212,26 @@ class MetadataApp:
             rendered = entry.answers.get(parts)
             if rendered is not None:
                 return rendered
-            answer = self._render(entry.view, parts, method, body)
+            answer = self._render(entry, parts, method, body)
             # Only what exists is kept: the tree is finite, a guest's random paths are not.
             if answer.status == 200 and len(entry.answers) < ANSWERS_PER_INSTANCE:
                 rendered = entry.answers[parts] = _Rendered(answer)
                 return rendered
         else:
-            answer = self._render(entry.view, parts, method, body)
+            answer = self._render(entry, parts, method, body)
             if answer is openstack.PASSWORD_STORE:
                 return self._store_password(entry.view, body)
         return openstack.seeded(answer) if answer.seeded else answer
 
     @staticmethod
-    def _render(view: InstanceView, parts: tuple[str, ...], method: str, body: bytes) -> Reply:
+    def _render(entry: _Entry, parts: tuple[str, ...], method: str, body: bytes) -> Reply:
         if parts[0] == "openstack":
-            return openstack.respond(view, parts[1:], method, body)
+            return openstack.respond(entry.view, parts[1:], method, body)
         if method != "GET":
             return reply.not_allowed("GET, HEAD")
-        return ec2.respond(view, parts)
+        if entry.ec2_tree is None:
+            entry.ec2_tree = ec2.version_tree(entry.view)
+        return ec2.respond(entry.view, parts, entry.ec2_tree)
 
     # -- identity -----------------------------------------------------------------------------
 

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# agent.pipeline when the agent talks to the embedded metadata server (see agent/client.py).
+EMBEDDED_PIPELINE = 16
+
+
 class Roles:
     """Start order: store → metadata server → agent; `stop` runs the reverse and never raises."""
 
@@ -44,6 +48,9 @@ class Roles:
         table.setdefault("socket", str(svc.agent_socket))
         if not any(k in table for k in ("metadata_url", "metadata_host", "nova_metadata_host")):
             table["metadata_url"] = svc.metadata_url or f"unix:{svc.metadata_socket}"
+            if svc.metadata_url is None:
+                # Our own server answers pipelined requests in order: let GETs share connections.
+                table.setdefault("pipeline", EMBEDDED_PIPELINE)
         if not any("shared_secret" in k for k in table):
             table["shared_secret"] = svc.shared_secret.reveal()
         return table
