@@ -223,6 +223,10 @@ class _Conn(asyncio.Protocol):
         queued, self.queue = self.queue, collections.deque()
         self.pool._lost(self, queued, error)
 
+    def shareable(self) -> bool:
+        """May a pipelined GET queue here now?"""
+        return not self.closed and not self.exclusive and self.transport is not None
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -248,6 +252,7 @@ class HttpPool:
         self._waiting: collections.deque[_Exchange] = collections.deque()
         self._opening: list[list[_Exchange]] = []  # requests for connections being made
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._current: _Conn | None = None  # where pipelined GETs queue while it has room
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = SWEEP
         self._closing = False
@@ -359,16 +364,22 @@ class HttpPool:
         asyncio.get_running_loop().create_task(self._connect(batch))
 
     def _shared(self, exchange: _Exchange) -> _Conn | None:
-        """A busy connection that `exchange` may queue behind (pipelining), or None."""
+        """A busy connection that `exchange` may queue behind (pipelining), or None.
+
+        The same one until it is full: what one loop iteration queues there goes out in one
+        write, and the server reads it in one. (A server that answers pipelined requests
+        in order serves them one after another anyway: a longer queue costs no latency.)
+        """
+        depth = self._depth
+        conn = self._current
+        if conn is not None and len(conn.queue) < depth and conn in self._busy and conn.shareable():
+            return conn
         best: _Conn | None = None
         for conn in self._busy:
-            if conn.closed or conn.exclusive or conn.transport is None:
-                continue
-            size = len(conn.queue)
-            if size < self._depth and (best is None or size < len(best.queue)):
-                best = conn
-        if best is not None and self._idle and len(best.queue) >= self._depth // 2:
-            return None  # an idle connection is better than a long queue
+            if len(conn.queue) < depth and conn.shareable():
+                if best is None or len(conn.queue) > len(best.queue):
+                    best = conn
+        self._current = best
         return best
 
     def _take_idle(self) -> _Conn | None:
