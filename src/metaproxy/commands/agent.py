@@ -16,6 +16,7 @@ from metaproxy.config import read_toml
 from metaproxy.errors import ConfigError
 from metaproxy.metadata.config import STORE_FILENAME, StoreConfig
 from metaproxy.metadata.store import SqliteStore
+from metaproxy.runtime import settle_gc
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on uvloop when it is installed (several times faster here), else asyncio."""
+    if not os.environ.get("MP_NO_SETTLE"):
+        settle_gc()
     try:
         import uvloop
     except ImportError:

@@ -16,6 +16,7 @@ from metaproxy.errors import ConfigError
 from metaproxy.metadata.config import MetadataConfig
 from metaproxy.metadata.server import MetadataServer
 from metaproxy.metadata.store import open_store
+from metaproxy.runtime import settle_gc
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        if not os.environ.get("MP_NO_SETTLE"):
+            settle_gc()
         asyncio.run(_serve(MetadataServer(config, store)))
     finally:
         store.close()
