@@ -29,7 +29,6 @@ import collections
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 
 import httptools
@@ -45,11 +44,15 @@ MAX_IDLE = 256
 SWEEP = 0.5
 
 
-@dataclass(frozen=True, slots=True)
 class Answer:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
+    """A whole answer from the metadata server (a plain slotted class: one per request)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""

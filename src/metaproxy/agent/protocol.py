@@ -168,9 +168,6 @@ class AgentProtocol(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._reset()
-
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
@@ -226,6 +223,7 @@ class AgentProtocol(asyncio.Protocol):
             b"".join(self._body) if self._body else b"",
             keep_alive,
         )
+        self._reset()  # for the next message on this connection
         self._enqueue(_Item(request, keep_alive))
 
     # -- answering, in order ----------------------------------------------------------------

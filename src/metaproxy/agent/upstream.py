@@ -53,7 +53,7 @@ def generic_body(status: int) -> bytes:
     return _REASONS.get(status, b"Error\n")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen __init__ costs 3x
 class Reply:
     """What the agent sends back to the front."""
 
