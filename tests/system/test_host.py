@@ -144,7 +144,13 @@ def test_status_and_metrics(stack: Stack) -> None:
     assert text.returncode == 0, text.stderr
     header = text.stdout.splitlines()[2].split()
     assert header[:5] == ["FRONT", "NAMESPACE", "ENGINE", "PID", "STATE"]
+    # An isolated front worker pushes its counters every STATS_INTERVAL (0.5 s): under load the
+    # latest push may not have arrived yet, so wait for it (bounded).
+    deadline = time.monotonic() + 10
     row = stack.front(network_id)
+    while row["requests"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        row = stack.front(network_id)
     assert row["state"] == "running" and row["engine"] == stack.engine
     assert row["requests"] >= 4 and isinstance(row["pid"], int)
     status = stack.status()
