@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from metaproxy.config import FrontSpec, Identity
-from metaproxy.front.builtin import BuiltinFront
+from metaproxy.front.builtin import BuiltinFront, EngineOptions
 from metaproxy.http.client import UpstreamPool
+from support.rawhttp import free_port, read_response, status_of
+from support.recorder import Recorder
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 REQUEST = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -113,3 +117,77 @@ async def test_front_listens_with_its_configured_backlog(short_tmp: Path) -> Non
         assert _listen_backlog(port) == min(spec.maxconn, 4096)
     finally:
         await engine.close()
+
+
+def _from_metaproxy(callback: object) -> bool:
+    func = getattr(callback, "__func__", callback)
+    return str(getattr(func, "__module__", "")).startswith("metaproxy")
+
+
+async def test_keep_alive_requests_make_no_task_or_timer_each(
+    recorder: Recorder, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Task, a Future and a TimerHandle per request (a coroutine per exchange, call_later for
+    # the server timeout) cost about a third of the front's CPU. Requests on warm keep-alive
+    # connections must be served by callbacks alone; deadlines are swept periodically.
+    loop = asyncio.get_running_loop()
+    tasks: list[str] = []
+    timers: dict[int, asyncio.TimerHandle] = {}  # by id; the handles stay alive, ids unique
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        if coro.cr_code.co_filename.find("metaproxy") >= 0:
+            tasks.append(coro.__qualname__)
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    def counting(name: str) -> Callable[..., asyncio.TimerHandle]:
+        schedule = getattr(loop, name)
+
+        def wrapper(when: float, callback: Callable[..., object], *args: Any, **kw: Any) -> Any:
+            handle = schedule(when, callback, *args, **kw)
+            if _from_metaproxy(callback):
+                timers[id(handle)] = handle
+            return handle
+
+        return wrapper
+
+    spec = FrontSpec(
+        identity=Identity("network", "net-hot"),
+        upstream_socket=recorder.path,
+        bind_address="127.0.0.1",
+        port=free_port(),
+        state_path=short_tmp,
+    )
+    engine = BuiltinFront(EngineOptions(access_log=False))
+    await engine.add(spec)
+    clients = [await asyncio.open_connection("127.0.0.1", spec.port) for _ in range(4)]
+    try:
+        async with asyncio.timeout(60):
+            # Warm up: four requests at once open four pooled agent connections.
+            for _, writer in clients:
+                writer.write(REQUEST)
+            for reader, _ in clients:
+                assert status_of(await read_response(reader)) == 200
+            loop.set_task_factory(counting_factory)
+            monkeypatch.setattr(loop, "call_at", counting("call_at"))
+            monkeypatch.setattr(loop, "call_later", counting("call_later"))
+            started = time.monotonic()
+            for _ in range(50):
+                for _, writer in clients:
+                    writer.write(REQUEST)
+                for reader, _ in clients:
+                    assert status_of(await read_response(reader)) == 200
+            elapsed = time.monotonic() - started
+            loop.set_task_factory(default_factory)
+            monkeypatch.undo()
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await engine.close()
+    assert tasks == []
+    # Only the periodic deadline sweep may schedule timers: a few per second, not per request.
+    assert len(timers) <= 4 + 10 * elapsed, (len(timers), elapsed)

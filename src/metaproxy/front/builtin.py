@@ -11,7 +11,9 @@
 A failure to add one front raises for that front only; the others keep serving. Each client
 connection is an `asyncio.Protocol` (`_Connection`): it frames heads itself, checks them with
 `http.wire`/`http.policy`, and hands one request at a time to the pooled agent client, so
-pipelined requests are answered in order.
+pipelined requests are answered in order. The hot path is callbacks only: the pooled agent
+connection's `data_received` completes the exchange and writes the answer to the client; no
+Task, Future or timer is made per request (deadlines are swept by the engine's `Ticker`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from metaproxy.errors import ConfigError, UpstreamError
 from metaproxy.front.netns import ListenSpec, open_listener_async
 from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
 from metaproxy.http import policy, wire
-from metaproxy.http.client import Connector, UpstreamPool
+from metaproxy.http.client import Cancel, Connector, UpstreamPool
 from metaproxy.http.policy import Refusal, UpstreamRequest
+from metaproxy.http.ticker import Ticker
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("metaproxy.access")
@@ -81,6 +84,11 @@ class _Front:
         self.pool = pool
         self.options = options
         self.limiter = limiter
+        # The engine's deadline sweep, which its pools share (see BuiltinFront._pool).
+        self.ticker: Ticker = pool.ticker
+        self.watched = False
+        timeouts = spec.timeouts
+        self.shortest = min(timeouts.http_request, timeouts.client, timeouts.http_keep_alive)
         self.identity = spec.identity.as_headers()
         self.label = f"{spec.identity.kind}={spec.identity.id}"
         self.stats = FrontStats()
@@ -94,6 +102,14 @@ class _Front:
         stats = self.stats
         stats.requests += 1
         stats.statuses[status] = stats.statuses.get(status, 0) + 1
+
+    def sweep(self, now: float) -> bool:
+        """The ticker's call: 408 or close for every connection past its deadline."""
+        due = [conn for conn in self.connections if conn.deadline <= now]
+        for conn in due:
+            conn._expire()
+        self.watched = bool(self.connections)
+        return self.watched
 
 
 class _Connection(asyncio.Protocol):
@@ -109,10 +125,11 @@ class _Connection(asyncio.Protocol):
         self.peer_bytes = b""
         self.ip_version = 4
         self.phase = "head"  # head | body | busy | idle | closed
-        self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.eof = False
-        self.task: asyncio.Task[None] | None = None
+        self.upstream: Cancel | None = None  # the request in flight (set by the pool)
+        self.request: UpstreamRequest | None = None
+        self.started = 0.0
         self.pending: tuple[UpstreamRequest, int] | None = None
         self.writable = True
         self.reading = True
@@ -141,6 +158,9 @@ class _Connection(asyncio.Protocol):
         self.counted = True
         stats.connections += 1
         self._arm(front.spec.timeouts.http_request)
+        if not front.watched:
+            front.watched = True
+            front.ticker.watch(front, front.shortest)
 
     def data_received(self, data: bytes) -> None:
         if self.phase == "closed":
@@ -174,11 +194,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = "closed"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        upstream = self.upstream
+        if upstream is not None:
+            # Abandoned: the agent connection carrying it is closed, as a cancelled exchange.
+            self.upstream = None
+            upstream.cancel()
         self._release()
 
     # -- framing -----------------------------------------------------------------------------
@@ -248,34 +268,58 @@ class _Connection(asyncio.Protocol):
         self._dispatch(decision, body)
 
     def _dispatch(self, request: UpstreamRequest, body: bytes) -> None:
-        # The timer stays: `_expire` ignores a busy connection (the upstream has its own).
+        # The deadline stays: `_expire` ignores a busy connection (the upstream has its own).
         self.phase = "busy"
-        self.task = self.loop.create_task(self._serve(request, body))
+        self.request = request
+        if self.front.options.access_log:
+            self.started = time.monotonic()
+        self.front.pool.submit(
+            wire.serialize_request(request, body), self, head=request.method == b"HEAD"
+        )
 
-    async def _serve(self, request: UpstreamRequest, body: bytes) -> None:
-        started = time.monotonic()
-        front = self.front
-        head = request.method == b"HEAD"
+    # -- the pool's callbacks (http.client.Sink) ---------------------------------------------
+
+    def upstream_response(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        head_length: bytes | None,
+        kept: bool,
+    ) -> None:
+        self.upstream = None
+        request = self.request
+        if self.phase == "closed" or request is None:
+            return
         close = not request.keep_alive
-        try:
-            response = await front.pool.request(wire.serialize_request(request, body), head=head)
-        except UpstreamError as exc:
-            status = exc.status_hint
-            front.stats.errors += 1
-            front.stats.last_error = str(exc)
-            log.warning("%s client=%s upstream failed: %s", front.label, self.peer, exc)
-            out = wire.error_response(status, close=close, head_only=head)
-        else:
-            status = response.status
+        if request.method == b"HEAD":
             out = wire.serialize_response(
-                status,
-                response.headers,
-                b"" if head else response.body,
-                close=close,
-                head_length=response.head_length if head else None,
+                status, headers, b"", close=close, head_length=head_length
             )
+        else:
+            out = wire.serialize_response(status, headers, body, close=close)
+        self._answer(request, status, out, close)
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        self.upstream = None
+        request = self.request
+        if request is None:
+            return
+        front = self.front
+        status = error.status_hint
+        front.stats.errors += 1
+        front.stats.last_error = str(error)
+        log.warning("%s client=%s upstream failed: %s", front.label, self.peer, error)
         if self.phase == "closed":
             return
+        close = not request.keep_alive
+        out = wire.error_response(status, close=close, head_only=request.method == b"HEAD")
+        self._answer(request, status, out, close)
+
+    def _answer(self, request: UpstreamRequest, status: int, out: bytes, close: bool) -> None:
+        """Write the answer to `request`, then go on with the next one or close."""
+        self.request = None
+        front = self.front
         transport = self.transport
         if front.draining and not close:
             out = _with_close(out)
@@ -283,8 +327,7 @@ class _Connection(asyncio.Protocol):
         transport.write(out)
         front.count(status)
         if front.options.access_log:
-            self._log(request.method, request.target, status, len(out), started)
-        self.task = None
+            self._log(request.method, request.target, status, len(out), self.started)
         if close or (self.eof and not self.buf):
             self._close()
             return
@@ -323,25 +366,11 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     def _arm(self, timeout: float) -> None:
-        """Move the deadline; the one timer is only replaced when it would fire too late.
-
-        Keep-alive requests move the deadline forward every time: a float store instead of a
-        cancelled and a new TimerHandle per request.
-        """
-        self.deadline = deadline = self.loop.time() + timeout
-        timer = self.timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return
-            timer.cancel()
-        self.timer = self.loop.call_at(deadline, self._expire)
+        """Move the deadline: a float store; the front's sweep (`_Front.sweep`) enforces it."""
+        self.deadline = self.loop.time() + timeout
 
     def _expire(self) -> None:
-        self.timer = None
         if self.phase == "busy":
-            return
-        if self.loop.time() < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._expire)
             return
         if self.phase in ("head", "body"):
             # haproxy's `timeout http-request`: a slow sender gets 408 and the connection ends.
@@ -351,9 +380,6 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.phase != "closed":
             self.phase = "closed"
             self.transport.close()
@@ -399,6 +425,8 @@ class BuiltinFront:
         self.connector = connector
         self._fronts: dict[str, _Front] = {}
         self._pools: dict[tuple[str, float, float], UpstreamPool] = {}
+        # One deadline sweep for every front and pool of this engine.
+        self._ticker = Ticker()
 
     def names(self) -> list[str]:
         return sorted(self._fronts)
@@ -476,13 +504,18 @@ class BuiltinFront:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+        self._ticker.close()
 
     def _pool(self, spec: FrontSpec) -> UpstreamPool:
         key = (str(spec.upstream_socket), spec.timeouts.connect, spec.timeouts.server)
         pool = self._pools.get(key)
         if pool is None:
             pool = UpstreamPool(
-                key[0], connect_timeout=key[1], server_timeout=key[2], connector=self.connector
+                key[0],
+                connect_timeout=key[1],
+                server_timeout=key[2],
+                connector=self.connector,
+                ticker=self._ticker,
             )
             self._pools[key] = pool
         return pool
