@@ -35,3 +35,28 @@ def test_fast_path_agrees_with_the_regex(head: bytes) -> None:
 def test_fast_path_examples(head: bytes) -> None:
     reference = policy._BAD_HEAD_BYTES.search(head) is None
     assert (policy.check_head_bytes(head) is None) is reference
+
+
+# Every byte class boundary of the grammar (controls, HTAB, CR, LF, SP, DEL, obs-text), and
+# longer strings, so that lines, folds and bare line ends combine in many ways.
+_WIDE = st.sampled_from(
+    [
+        *(b"\r\n", b"\r", b"\n", b" ", b"\t", b"\x00", b"\x08", b"\x0b", b"\x0c", b"\x0e"),
+        *(b"\x1f", b"\x20", b"\x21", b"\x7e", b"\x7f", b"\x80", b"\xff", b"a", b":"),
+        b"GET / HTTP/1.1",
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_WIDE, max_size=40).map(b"".join))
+def test_fast_path_agrees_with_the_regex_on_every_byte_class(head: bytes) -> None:
+    reference = policy._BAD_HEAD_BYTES.search(head) is None
+    assert (policy.check_head_bytes(head) is None) is reference
+
+
+def test_fast_path_agrees_with_the_regex_on_each_single_byte_after_a_line() -> None:
+    for byte in range(256):
+        for head in (bytes([byte]), b"a\r\n" + bytes([byte]) + b"b\r\n\r\n", b"x" + bytes([byte])):
+            reference = policy._BAD_HEAD_BYTES.search(head) is None
+            assert (policy.check_head_bytes(head) is None) is reference, head

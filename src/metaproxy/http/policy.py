@@ -41,8 +41,12 @@ _SINGLETONS = frozenset(
 # Bytes a head may not contain: controls other than HTAB/CR/LF, DEL, a CR not followed by LF,
 # an LF not preceded by CR (RFC 9112 §2.2 allows servers to refuse both) and obs-fold, a line
 # starting with SP/HTAB (RFC 9112 §5.2: reject or replace; we reject).
-_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
+# The same rule as a whole-head grammar: lines of allowed bytes (HTAB, SP, visible, obs-text;
+# no CR, LF, other controls or DEL) joined by CRLF, and no line after the first that starts with
+# SP or HTAB. A CR or LF can only appear as part of a CRLF, so bare ones never match.
+_LINE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_CLEAN_HEAD = re.compile(_LINE + rb"(?:\r\n(?:[^\x00-\x20\x7f]" + _LINE + rb")?)*")
 # RFC 9110 §5.6.2 token, minus '_': Neutron LP #1865036 spoofed identity headers with underscores
 # that some servers fold into dashes.
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+")
@@ -76,26 +80,12 @@ def check_head_bytes(head: bytes) -> Refusal | None:
     """Refuse a raw head (request line to blank line) with bytes llhttp might tolerate."""
     if len(head) > MAX_HEAD:
         return Refusal(431, "request head over 8 KiB")
-    if not _clean_head(head):
+    # The same verdict as `_BAD_HEAD_BYTES.search(head) is None` in one linear pass: that
+    # regex's lookarounds ran at every byte (5 us a request); counting passes took 1 us for a
+    # usual head and 24 us for a 4 KiB padded one; this grammar takes 0.4 and 8.
+    if _CLEAN_HEAD.fullmatch(head) is None:
         return Refusal(400, "bare CR/LF, control byte or obs-fold in head")
     return None
-
-
-def _clean_head(head: bytes) -> bool:
-    """The same verdict as `_BAD_HEAD_BYTES.search(head) is None`, in C-speed passes.
-
-    The regex's lookaround alternation ran at every byte: about 5 us a request, 8 % of the
-    front's CPU under load. Every CR must start a CRLF and every LF end one, so the three
-    counts agree exactly when neither a bare CR nor a bare LF is present.
-    """
-    crlf = head.count(b"\r\n")
-    return (
-        _CONTROL_BYTES.search(head) is None
-        and head.count(b"\r") == crlf
-        and head.count(b"\n") == crlf
-        and b"\n " not in head
-        and b"\n\t" not in head
-    )
 
 
 def has_bad_bytes(partial: bytes | bytearray, start: int = 0) -> bool:
