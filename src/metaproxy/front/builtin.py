@@ -130,7 +130,8 @@ class _Connection(asyncio.Protocol):
         self.upstream: Cancel | None = None  # the request in flight (set by the pool)
         self.request: UpstreamRequest | None = None
         self.started = 0.0
-        self.pending: tuple[UpstreamRequest, int] | None = None
+        self.pending: UpstreamRequest | None = None  # its head is read, its body is not
+        self.tail = b""  # the identity fields, X-Forwarded-For and the blank line
         self.writable = True
         self.reading = True
         self.counted = False
@@ -144,6 +145,7 @@ class _Connection(asyncio.Protocol):
         host = str(peer[0]) if peer else "unknown"
         self.peer = host.split("%", 1)[0]
         self.peer_bytes = self.peer.encode()
+        self.tail = wire.identity_tail(front.identity, self.peer_bytes)
         self.ip_version = 6 if ":" in self.peer else 4
         stats = front.stats
         held = front.per_source.get(self.peer, 0)
@@ -163,13 +165,21 @@ class _Connection(asyncio.Protocol):
             front.ticker.watch(front, front.shortest)
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == "closed":
+        phase = self.phase
+        if phase == "closed":
             return
-        self.buf += data
-        if self.phase == "idle":
-            self.phase = "head"
+        if phase == "idle":
+            self.phase = phase = "head"
             self._arm(self.front.spec.timeouts.http_request)
-        if self.phase == "busy" or not self.writable:
+        if phase == "head" and self.writable and not self.buf:
+            # The usual case: exactly one whole head in one read. Take it as it is, without
+            # copying it through the buffer; anything else is framed from the buffer.
+            end = data.find(wire.HEAD_END, 0, policy.MAX_HEAD + 4)
+            if end > 0 and end + 4 == len(data) and not data.startswith(b"\r\n"):
+                self._take(data)
+                return
+        self.buf += data
+        if phase == "busy" or not self.writable:
             if len(self.buf) > _PIPELINE_BUFFER and self.reading:
                 self.reading = False
                 self.transport.pause_reading()
@@ -206,13 +216,14 @@ class _Connection(asyncio.Protocol):
     def _advance(self) -> None:
         """Frame and dispatch the next request in the buffer, if it is complete."""
         buf = self.buf
-        if self.pending is not None:
-            request, head_len = self.pending
-            if len(buf) < head_len + request.content_length:
+        request = self.pending
+        if request is not None:
+            length = request.content_length
+            if len(buf) < length:
                 return
             self.pending = None
-            body = bytes(buf[head_len : head_len + request.content_length])
-            del buf[: head_len + request.content_length]
+            body = bytes(buf[:length])
+            del buf[:length]
             self._dispatch(request, body)
             return
         while buf.startswith(b"\r\n"):
@@ -227,45 +238,43 @@ class _Connection(asyncio.Protocol):
             else:
                 self.scanned = len(buf)
             return
-        head_len = end + 4
+        raw = bytes(buf[: end + 4])
+        del buf[: end + 4]
+        self._take(raw)
+
+    def _take(self, raw: bytes) -> None:
+        """One whole head, out of the buffer: refuse it, wait for its body, or dispatch it."""
         self.scanned = 0
-        raw = bytes(buf[:head_len])
         parsed = wire.parse_head(raw)
         if isinstance(parsed, Refusal):
             self._refuse(parsed, *wire.peek_request_line(raw))
             return
         method, target, version, headers = parsed
         front = self.front
-        decision = policy.decide(
-            method,
-            target,
-            version,
-            headers,
-            identity=front.identity,
-            peer=self.peer_bytes,
-            max_body=front.spec.max_body,
-        )
-        if isinstance(decision, Refusal):
-            self._refuse(decision, method, target)
+        # `policy.decide` minus the identity fields, which `tail` carries as bytes.
+        request = policy.screen(method, target, version, headers, max_body=front.spec.max_body)
+        if isinstance(request, Refusal):
+            self._refuse(request, method, target)
             return
         limiter = front.limiter
         if limiter.applies_to(self.ip_version) and not limiter.allow(self.peer):
             self._refuse(Refusal(429, "rate limit exceeded"), method, target)
             return
-        if decision.content_length:
-            if len(buf) < head_len + decision.content_length:
-                self.pending = (decision, head_len)
+        length = request.content_length
+        if length:
+            buf = self.buf
+            if len(buf) < length:
+                self.pending = request
                 self.phase = "body"
                 self._arm(front.spec.timeouts.client)
-                if decision.expect_continue and len(buf) == head_len:
+                if request.expect_continue and not buf:
                     self.transport.write(wire.CONTINUE)
                 return
-            body = bytes(buf[head_len : head_len + decision.content_length])
-            del buf[: head_len + decision.content_length]
+            body = bytes(buf[:length])
+            del buf[:length]
         else:
             body = b""
-            del buf[:head_len]
-        self._dispatch(decision, body)
+        self._dispatch(request, body)
 
     def _dispatch(self, request: UpstreamRequest, body: bytes) -> None:
         # The deadline stays: `_expire` ignores a busy connection (the upstream has its own).
@@ -274,7 +283,7 @@ class _Connection(asyncio.Protocol):
         if self.front.options.access_log:
             self.started = time.monotonic()
         self.front.pool.submit(
-            wire.serialize_request(request, body), self, head=request.method == b"HEAD"
+            wire.serialize_screened(request, self.tail, body), self, head=request.method == b"HEAD"
         )
 
     # -- the pool's callbacks (http.client.Sink) ---------------------------------------------

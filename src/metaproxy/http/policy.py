@@ -64,9 +64,12 @@ class Refusal:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamRequest:
-    """The request the agent receives, and how the client connection continues."""
+    """The request the agent receives, and how the client connection continues.
+
+    Not frozen: a frozen dataclass pays object.__setattr__ per field, once per request.
+    """
 
     method: bytes
     target: bytes
@@ -119,6 +122,67 @@ def decide(
     max_body: int,
 ) -> Refusal | UpstreamRequest:
     """Refuse the request, or build exactly what goes to the agent."""
+    screened = screen(method, target, version, headers, max_body=max_body)
+    if isinstance(screened, UpstreamRequest):
+        screened.headers.extend(identity)
+        screened.headers.append((b"X-Forwarded-For", peer))
+    return screened
+
+
+# What a client field does, by lower-case name: (singleton, action, spelling sent upstream).
+# A name not listed is dropped (after the grammar check every field gets).
+_FORWARD, _LENGTH, _CHUNKED, _UPGRADE, _XFF, _CONNECTION, _EXPECT, _NOTHING = range(8)
+_RULES: dict[bytes, tuple[bool, int, bytes]] = {
+    **{name: (name in _SINGLETONS, _FORWARD, sent) for name, sent in FORWARDED.items()},
+    b"content-length": (True, _LENGTH, b""),
+    b"transfer-encoding": (False, _CHUNKED, b""),
+    b"upgrade": (False, _UPGRADE, b""),
+    b"x-forwarded-for": (False, _XFF, b""),
+    b"connection": (False, _CONNECTION, b""),
+    b"expect": (False, _EXPECT, b""),
+}
+_RULES.update({name: (True, _NOTHING, b"") for name in _SINGLETONS if name not in _RULES})
+# Field names as clients usually spell them, already lower-cased: saves the grammar regex and
+# lower() per field. Only names the grammar accepts are listed, so the verdict is the same.
+_KNOWN_NAMES: dict[bytes, bytes] = {
+    spelling: spelling.lower()
+    for name in [
+        *FORWARDED,
+        *_RULES,
+        b"accept-encoding",
+        b"accept-language",
+        b"cache-control",
+        b"pragma",
+        b"referer",
+        b"cookie",
+        b"origin",
+        b"if-none-match",
+        b"if-modified-since",
+        b"metadata-flavor",
+        b"x-request-id",
+    ]
+    for spelling in (
+        name,
+        b"-".join(part.capitalize() for part in name.split(b"-")),
+        FORWARDED.get(name, name),
+    )
+    if _FIELD_NAME.fullmatch(spelling) is not None
+}
+
+
+def screen(
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    max_body: int,
+) -> Refusal | UpstreamRequest:
+    """`decide` without the identity and `X-Forwarded-For` fields it appends last.
+
+    Every refusal is decided here; the front appends its precomputed identity bytes itself
+    (`wire.serialize_screened`), which gives the same bytes as serializing `decide`'s result.
+    """
     refusal = check_request_line(method, target, version)
     if refusal is not None:
         return refusal
@@ -132,32 +196,37 @@ def decide(
     expect_continue = False
     connection = b""
     for raw_name, raw_value in headers:
-        if _FIELD_NAME.fullmatch(raw_name) is None:
-            return Refusal(400, "header name outside the token grammar")
-        name = raw_name.lower()
+        name = _KNOWN_NAMES.get(raw_name)
+        if name is None:
+            if _FIELD_NAME.fullmatch(raw_name) is None:
+                return Refusal(400, "header name outside the token grammar")
+            name = raw_name.lower()
+        rule = _RULES.get(name)
+        if rule is None:
+            continue
+        singleton, action, sent = rule
         value = raw_value.strip(b" \t")
-        if name in _SINGLETONS:
+        if singleton:
             if name in seen:
                 return Refusal(400, f"duplicate {name.decode()}")
             seen.add(name)
-        canonical = FORWARDED.get(name)
-        if canonical is not None:
+        if action == _FORWARD:
             if name == b"host" and _HOST.fullmatch(value) is None:
                 return Refusal(400, "malformed Host")
-            kept.append((canonical, value))
-        elif name == b"content-length":
+            kept.append((sent, value))
+        elif action == _LENGTH:
             if _DIGITS.fullmatch(value) is None:
                 return Refusal(400, "malformed Content-Length")
             content_length, has_length = int(value), True
-        elif name == b"transfer-encoding":
+        elif action == _CHUNKED:
             return Refusal(400, "Transfer-Encoding is not accepted")
-        elif name == b"upgrade":
+        elif action == _UPGRADE:
             return Refusal(400, "Upgrade is not accepted")
-        elif name == b"x-forwarded-for":
+        elif action == _XFF:
             client_xff = True
-        elif name == b"connection":
+        elif action == _CONNECTION:
             connection = connection + b"," + value.lower() if connection else value.lower()
-        elif name == b"expect":
+        elif action == _EXPECT:
             expect_continue = value.lower() == b"100-continue"
     if content_length > max_body:
         return Refusal(413, "body over the limit")
@@ -168,20 +237,20 @@ def decide(
         return Refusal(403, "token request carries X-Forwarded-For")
     if has_length:
         kept.append((b"Content-Length", b"%d" % content_length))
-    kept.extend(identity)
-    kept.append((b"X-Forwarded-For", peer))
     return UpstreamRequest(
-        method=method,
-        target=target,
-        headers=kept,
-        content_length=content_length,
-        keep_alive=_keep_alive(version, connection),
-        expect_continue=expect_continue and content_length > 0,
+        method,
+        target,
+        kept,
+        content_length,
+        _keep_alive(version, connection),
+        expect_continue and content_length > 0,
     )
 
 
 def _keep_alive(version: bytes, connection: bytes) -> bool:
     """RFC 9112 §9.3: 1.1 persists unless `close`; 1.0 only with `keep-alive`."""
+    if not connection:
+        return version == b"1.1"
     tokens = {t.strip() for t in connection.split(b",")} if connection else set()
     if b"close" in tokens:
         return False

@@ -89,6 +89,24 @@ def serialize_request(request: policy.UpstreamRequest, body: bytes = b"") -> byt
     return b"".join(parts)
 
 
+def identity_tail(identity: list[tuple[bytes, bytes]], peer: bytes) -> bytes:
+    """What `policy.decide` appends to every request (identity, X-Forwarded-For), serialized,
+    with the blank line that ends the head: computed once per client connection."""
+    fields = [*identity, (b"X-Forwarded-For", peer)]
+    return b"".join(name + b": " + value + b"\r\n" for name, value in fields) + b"\r\n"
+
+
+def serialize_screened(request: policy.UpstreamRequest, tail: bytes, body: bytes = b"") -> bytes:
+    """For a `policy.screen` result: the same bytes as `serialize_request` of `decide`'s."""
+    parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+    for name, value in request.headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(tail)
+    if body:
+        parts.append(body)
+    return b"".join(parts)
+
+
 def _status_line(status: int) -> bytes:
     try:
         phrase = HTTPStatus(status).phrase.encode()
