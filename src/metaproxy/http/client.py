@@ -114,13 +114,11 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "chunks",
-        "close_delimited",
         "closed",
         "data",
         "deadline",
         "done",
         "head",
-        "head_length",
         "headers",
         "keep_alive",
         "limit",
@@ -153,9 +151,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.done = False
         self.overrun = False
-        self.close_delimited = False
         self.keep_alive = False
-        self.head_length: bytes | None = None
 
     # -- one exchange ------------------------------------------------------------------------
 
@@ -172,10 +168,9 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.chunks = []
         self.size = 0
-        self.received = self.done = self.overrun = self.close_delimited = False
+        self.received = self.done = self.overrun = False
         self.keep_alive = False
         self.status = 0
-        self.head_length = None
         pool._busy.add(self)
         if not pool._watched:
             pool._watch()
@@ -207,7 +202,7 @@ class _Connection(asyncio.Protocol):
         if self.head or status < 200:
             # We stopped reading at the end of the head: llhttp still expects a body.
             self.parser = httptools.HttpResponseParser(self)
-        kept = not self.closed and not self.overrun and not self.close_delimited and self.keep_alive
+        kept = not self.closed and not self.overrun and self.keep_alive
         if kept and len(pool._idle) < MAX_IDLE:
             pool._idle.append(self)
         else:
@@ -217,9 +212,8 @@ class _Connection(asyncio.Protocol):
             return
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        sink.upstream_response(
-            status, self.headers, body, self.head_length if self.head else None, kept
-        )
+        head_length = self._framing()[1] if self.head else None
+        sink.upstream_response(status, self.headers, body, head_length, kept)
 
     def _fail(self, error: UpstreamError) -> None:
         sink = self.sink
@@ -250,20 +244,25 @@ class _Connection(asyncio.Protocol):
         if self.done:
             return
         # llhttp forgets keep-alive once the message completes: ask while it still knows.
+        # It says no for a body that only the close can end (no Content-Length, not chunked),
+        # so such a connection is never pooled.
         parser = self.parser
         self.keep_alive = parser.should_keep_alive()
         status = self.status = parser.get_status_code()
+        if self.head or status in (204, 304) or status < 200:
+            self.done = True
+
+    def _framing(self) -> tuple[bool, bytes | None]:
+        """Whether the head said how the body ends, and its (last) Content-Length."""
         framed = False
+        length = None
         for name, value in self.headers:
             lower = name.lower()
             if lower == b"content-length":
-                framed, self.head_length = True, value
+                framed, length = True, value
             elif lower == b"transfer-encoding":
                 framed = True
-        if self.head or status in (204, 304) or status < 200:
-            self.done = True
-        else:
-            self.close_delimited = not framed
+        return framed, length
 
     def on_body(self, data: bytes) -> None:
         if self.done:
@@ -302,7 +301,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool._forget(self)
         if self.sink is not None and not self.done:
-            if self.close_delimited:
+            if self.status >= 200 and not self._framing()[0]:
+                # RFC 9112 §6.3: without Content-Length or chunked framing, the close ends it.
                 self.done = True
                 self._finish()
             else:
