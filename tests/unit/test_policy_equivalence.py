@@ -2,12 +2,14 @@
 
 `reference_decide` is `policy.decide` as it was before the per-field checks were made cheaper
 (a table of field rules, a map of known name spellings, no frozen dataclass, the identity
-appended as precomputed bytes). Any input, any verdict: refusal with the same status and
+appended as precomputed bytes), and `reference_parse_head` is `wire.parse_head` from before it
+left the request line to decide. Any input, any verdict: refusal with the same status and
 reason, or the same upstream request and the same bytes on the wire.
 """
 
 from __future__ import annotations
 
+import httptools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,3 +198,76 @@ def test_more_than_sixty_four_fields_agree() -> None:
     for count in (63, 64, 65):
         _check(b"GET", b"/", b"1.1", [(b"X-A", b"b")] * count)
         _check(b"GET", b"/", b"1.1", [(b"Host", b"a")] + [(b"Host", b"b")] * count)
+
+
+def reference_parse_head(head: bytes) -> wire.Head | Refusal:
+    refusal = policy.check_head_bytes(head)
+    if refusal is not None:
+        return refusal
+    line = wire._REQUEST_LINE.match(head)
+    if line is None:
+        return Refusal(400, "malformed request line")
+    method, target, version = line.groups()
+    refusal = policy.check_request_line(method, target, version)
+    if refusal is not None:
+        return refusal
+    fields = wire._Fields()
+    parser = httptools.HttpRequestParser(fields)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError as exc:
+        return Refusal(400, f"llhttp: {exc}")
+    return method, target, version, fields.headers
+
+
+def _examine(raw: bytes, parse: object, decide: object) -> Refusal | UpstreamRequest:
+    parsed = parse(raw)  # type: ignore[operator]
+    if isinstance(parsed, Refusal):
+        return parsed
+    method, target, version, headers = parsed
+    return decide(  # type: ignore[operator,no-any-return]
+        method, target, version, headers, identity=IDENTITY, peer=PEER, max_body=65536
+    )
+
+
+_LINES = st.sampled_from(
+    [
+        b"GET / HTTP/1.1",
+        b"HEAD /latest/meta-data/ HTTP/1.0",
+        b"PUT /latest/api/token HTTP/1.1",
+        b"POST /openstack/2013-04-04/password HTTP/1.1",
+        b"CONNECT a:443 HTTP/1.1",
+        b"TRACE / HTTP/1.1",
+        b"FOO / HTTP/1.1",
+        b"get / HTTP/1.1",
+        b"GET http://a/ HTTP/1.1",
+        b"GET * HTTP/1.1",
+        b"GET /a#b HTTP/1.1",
+        b"GET / HTTP/2.0",
+        b"GET / HTTP/1.2",
+        b"GET /\xff HTTP/1.1",
+        b"GET /\x7f HTTP/1.1",
+        b"PRI * HTTP/2.0",
+        b"GET  / HTTP/1.1",
+        b"GET /",
+    ]
+)
+_RAW_FIELDS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)).map(
+            lambda f: f[0] + b": " + f[1]
+        ),
+        st.sampled_from([b"X-A : b", b"X-A", b": b", b"Connection: Upgrade", b"Upgrade: h2c"]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_LINES, _RAW_FIELDS)
+def test_parse_and_decide_agree_with_the_reference(line: bytes, fields: list[bytes]) -> None:
+    raw = b"\r\n".join([line, *fields]) + b"\r\n\r\n"
+    expected = _examine(raw, reference_parse_head, reference_decide)
+    assert _examine(raw, wire.parse_head, policy.decide) == expected

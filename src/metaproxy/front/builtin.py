@@ -280,8 +280,12 @@ class _Connection(asyncio.Protocol):
         # The deadline stays: `_expire` ignores a busy connection (the upstream has its own).
         self.phase = "busy"
         self.request = request
-        if self.front.options.access_log:
-            self.started = time.monotonic()
+        # 0.0 unless this request goes to the access log (then: when it started).
+        self.started = (
+            time.monotonic()
+            if self.front.options.access_log and access_log.isEnabledFor(logging.INFO)
+            else 0.0
+        )
         self.front.pool.submit(
             wire.serialize_screened(request, self.tail, body), self, head=request.method == b"HEAD"
         )
@@ -335,7 +339,7 @@ class _Connection(asyncio.Protocol):
             close = True
         transport.write(out)
         front.count(status)
-        if front.options.access_log:
+        if self.started:
             self._log(request.method, request.target, status, len(out), self.started)
         if close or (self.eof and not self.buf):
             self._close()

@@ -40,7 +40,8 @@ class _Fields:
 def parse_head(head: bytes) -> Head | Refusal:
     """Split a raw head (request line through the blank line) or say why it is refused.
 
-    Returns (method, target, version, headers) with raw field names and values.
+    Returns (method, target, version, headers) with raw field names and values. The request
+    line is only split here: `policy.decide` (or `screen`) judges it, before the fields.
     """
     refusal = policy.check_head_bytes(head)
     if refusal is not None:
@@ -49,9 +50,6 @@ def parse_head(head: bytes) -> Head | Refusal:
     if line is None:
         return Refusal(400, "malformed request line")
     method, target, version = line.groups()
-    refusal = policy.check_request_line(method, target, version)
-    if refusal is not None:
-        return refusal
     fields = _Fields()
     parser = httptools.HttpRequestParser(fields)
     try:
@@ -61,7 +59,10 @@ def parse_head(head: bytes) -> Head | Refusal:
         # the policy refuses what caused it.
         pass
     except httptools.HttpParserError as exc:
-        return Refusal(400, f"llhttp: {exc}")
+        # The request line's own refusal ranks first (CONNECT host:443 is a 405, not llhttp's
+        # 400). When llhttp accepts the head, `policy.screen`/`decide` check the request line:
+        # once per request, not twice.
+        return policy.check_request_line(method, target, version) or Refusal(400, f"llhttp: {exc}")
     return method, target, version, fields.headers
 
 
