@@ -135,6 +135,7 @@ class _Connection(asyncio.Protocol):
         self.writable = True
         self.reading = True
         self.counted = False
+        self.limited = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -147,6 +148,8 @@ class _Connection(asyncio.Protocol):
         self.peer_bytes = self.peer.encode()
         self.tail = wire.identity_tail(front.identity, self.peer_bytes)
         self.ip_version = 6 if ":" in self.peer else 4
+        # The limiter's config is frozen: whether it counts this peer is known at connect.
+        self.limited = front.limiter.applies_to(self.ip_version)
         stats = front.stats
         held = front.per_source.get(self.peer, 0)
         if len(front.connections) >= front.spec.maxconn:
@@ -166,18 +169,20 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
+        if (phase == "idle" or phase == "head") and self.writable and not self.buf:
+            # The usual case: exactly one whole head in one read. Take it as it is, without
+            # copying it through the buffer (and without an http-request deadline: the head
+            # is complete); anything else is framed from the buffer.
+            end = data.find(wire.HEAD_END, 0, policy.MAX_HEAD + 4)
+            if end > 0 and end + 4 == len(data) and not data.startswith(b"\r\n"):
+                self.phase = "head"
+                self._take(data)
+                return
         if phase == "closed":
             return
         if phase == "idle":
             self.phase = phase = "head"
             self._arm(self.front.spec.timeouts.http_request)
-        if phase == "head" and self.writable and not self.buf:
-            # The usual case: exactly one whole head in one read. Take it as it is, without
-            # copying it through the buffer; anything else is framed from the buffer.
-            end = data.find(wire.HEAD_END, 0, policy.MAX_HEAD + 4)
-            if end > 0 and end + 4 == len(data) and not data.startswith(b"\r\n"):
-                self._take(data)
-                return
         self.buf += data
         if phase == "busy" or not self.writable:
             if len(self.buf) > _PIPELINE_BUFFER and self.reading:
@@ -256,8 +261,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(request, Refusal):
             self._refuse(request, method, target)
             return
-        limiter = front.limiter
-        if limiter.applies_to(self.ip_version) and not limiter.allow(self.peer):
+        if self.limited and not front.limiter.allow(self.peer):
             self._refuse(Refusal(429, "rate limit exceeded"), method, target)
             return
         length = request.content_length
@@ -338,14 +342,17 @@ class _Connection(asyncio.Protocol):
             out = _with_close(out)
             close = True
         transport.write(out)
-        front.count(status)
+        stats = front.stats
+        stats.requests += 1
+        statuses = stats.statuses
+        statuses[status] = statuses.get(status, 0) + 1
         if self.started:
             self._log(request.method, request.target, status, len(out), self.started)
         if close or (self.eof and not self.buf):
             self._close()
             return
         self.phase = "idle"
-        self._arm(front.spec.timeouts.http_keep_alive)
+        self.deadline = self.loop.time() + front.spec.timeouts.http_keep_alive
         if not self.reading:
             self.reading = True
             transport.resume_reading()

@@ -114,6 +114,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "chunks",
+        "clock",
         "closed",
         "data",
         "deadline",
@@ -135,6 +136,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.clock = asyncio.get_running_loop().time
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
@@ -164,7 +166,7 @@ class _Connection(asyncio.Protocol):
         self.head = head
         self.retry = retry
         self.limit = limit
-        self.deadline = pool._now() + limit
+        self.deadline = self.clock() + limit
         self.headers = []
         self.chunks = []
         self.size = 0
@@ -366,7 +368,6 @@ class UpstreamPool:
         self._opening: set[asyncio.Task[None]] = set()
         self._watched = False
         self._shortest = server_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(
         self, data: bytes, sink: Sink, *, head: bool = False, timeout: float | None = None
@@ -381,11 +382,13 @@ class UpstreamPool:
             limit = timeout
             if timeout < self._shortest:
                 self._shortest = timeout
-        conn = self._take_idle()
-        if conn is not None:
-            conn.start(data, head, sink, limit, True)
-        else:
-            self._open_then_start(data, head, sink, limit)
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.start(data, head, sink, limit, True)
+                return
+        self._open_then_start(data, head, sink, limit)
 
     async def request(
         self, data: bytes, *, head: bool = False, timeout: float | None = None
@@ -399,20 +402,6 @@ class UpstreamPool:
             if waiter.upstream is not None:
                 waiter.upstream.cancel()
             raise
-
-    def _now(self) -> float:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop.time()
-
-    def _take_idle(self) -> _Connection | None:
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
-        return None
 
     def _open_then_start(self, data: bytes, head: bool, sink: Sink, limit: float) -> None:
         """Open a new connection (a Task: only when the pool has no idle one), then send.

@@ -242,15 +242,13 @@ def screen(
         target,
         kept,
         content_length,
-        _keep_alive(version, connection),
+        _keep_alive(version, connection) if connection else version == b"1.1",
         expect_continue and content_length > 0,
     )
 
 
 def _keep_alive(version: bytes, connection: bytes) -> bool:
     """RFC 9112 §9.3: 1.1 persists unless `close`; 1.0 only with `keep-alive`."""
-    if not connection:
-        return version == b"1.1"
     tokens = {t.strip() for t in connection.split(b",")} if connection else set()
     if b"close" in tokens:
         return False
