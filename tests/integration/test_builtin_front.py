@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -387,6 +389,72 @@ async def test_agent_failures_map_to_statuses(
         if status >= 500:
             assert engine.stats(spec.name).errors == 1
             assert engine.stats(spec.name).last_error
+
+
+async def test_abandoned_request_closes_its_agent_connection(
+    engine: BuiltinFront, short_tmp: Path
+) -> None:
+    """A client that drops mid-request (a reset: a half-close still gets its answer) must not
+    leave an agent connection busy behind it."""
+    path = short_tmp / "agent.sock"
+    asked = asyncio.Event()
+    dropped = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        asked.set()
+        if await reader.read(-1) == b"":
+            dropped.set()
+
+    async with fake_agent(path, hold):
+        spec = make_spec(path, short_tmp)
+        await engine.add(spec)
+        _, writer = await asyncio.open_connection(HOST, spec.port)
+        writer.write(head("Host: a"))
+        async with asyncio.timeout(5):
+            await asked.wait()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            await dropped.wait()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra", id="whole"),
+        pytest.param(b"HTTP/1.1 2", id="partial"),
+    ],
+)
+async def test_a_second_answer_never_reaches_the_next_request(
+    engine: BuiltinFront, short_tmp: Path, extra: bytes
+) -> None:
+    """Bytes after the answer, in the same read, make that agent connection unusable: the
+    next request (maybe another instance's) goes on a fresh one."""
+    path = short_tmp / "agent.sock"
+    connections = 0
+
+    async def answer_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + extra)
+            await writer.drain()
+
+    async with fake_agent(path, answer_twice):
+        spec = make_spec(path, short_tmp)
+        await engine.add(spec)
+        reader, writer = await asyncio.open_connection(HOST, spec.port)
+        try:
+            async with asyncio.timeout(10):
+                for _ in range(3):
+                    writer.write(head("Host: a"))
+                    response = await read_response(reader)
+                    assert (status_of(response), body_of(response)) == (200, b"first")
+        finally:
+            writer.close()
+    assert connections == 3
 
 
 async def test_agent_missing_is_503_at_once_then_recovers(

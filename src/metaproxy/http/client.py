@@ -399,8 +399,10 @@ class UpstreamPool:
         try:
             return await waiter.future
         except asyncio.CancelledError:
-            if waiter.upstream is not None:
-                waiter.upstream.cancel()
+            upstream = waiter.upstream
+            if upstream is not None:
+                waiter.upstream = None
+                upstream.cancel()
             raise
 
     def _open_then_start(self, data: bytes, head: bool, sink: Sink, limit: float) -> None:
@@ -420,6 +422,13 @@ class UpstreamPool:
             sink.upstream = None
             sink.upstream_failed(exc)
             return
+        except asyncio.CancelledError:
+            # An abandoning sink clears `upstream` before it cancels; anyone else (close())
+            # leaves a sink waiting, which must hear of it.
+            if sink.upstream is not None:
+                sink.upstream = None
+                sink.upstream_failed(UpstreamError("agent pool closed", status_hint=502))
+            raise
         conn.start(data, head, sink, limit, False)
 
     async def _connect(self) -> _Connection:
