@@ -194,6 +194,19 @@ async def test_slow_head_gets_408(
     assert recorder.requests == []
 
 
+async def test_slow_body_gets_408(
+    engine: BuiltinFront, recorder: Recorder, short_tmp: Path
+) -> None:
+    spec = make_spec(recorder.path, short_tmp, timeouts=Timeouts(client=0.5))
+    await engine.add(spec)
+    started = time.monotonic()
+    raw = head("Host: a", "Content-Length: 10", request_line="POST / HTTP/1.1") + b"abc"
+    response = await exchange(HOST, spec.port, raw, timeout=10)
+    assert status_of(response) == 408
+    assert 0.4 < time.monotonic() - started < 5
+    assert recorder.requests == []
+
+
 async def test_idle_keep_alive_is_closed(
     engine: BuiltinFront, recorder: Recorder, short_tmp: Path
 ) -> None:
