@@ -74,36 +74,6 @@ class Response:
     head_length: bytes | None = None
 
 
-class WaiterProtocol(asyncio.Protocol):
-    """A client connection whose one pending exchange is awaited through `waiter`.
-
-    Used by the agent's pool (agent/client.py): `_wake` settles the waiter once (with the result
-    or an UpstreamError), `_fail` settles it and drops the connection.
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.closed = False
-
-    def _fail(self, error: UpstreamError) -> None:
-        self._wake(error)
-        self.close()
-
-    def _wake(self, error: UpstreamError | None) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
 class _Connection(asyncio.Protocol):
     """One Unix-socket connection carrying one request at a time; httptools calls on_*.
 
