@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import time
@@ -132,6 +133,20 @@ async def test_keep_alive_and_pipelining_answer_in_order(
     finally:
         writer.close()
     assert [r.target for r in recorder.requests] == [*paths, "/again"]
+
+
+async def test_a_refusal_behind_pipelined_requests_comes_after_their_answers(
+    served: FrontSpec, recorder: Recorder
+) -> None:
+    raw = (
+        head("Host: a", request_line="GET /a HTTP/1.1")
+        + head("Host: a", request_line="GET /b HTTP/1.1")
+        + head("Host: a", request_line="TRACE / HTTP/1.1")
+    )
+    data = await exchange(HOST, served.port, raw)
+    assert [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)] == [200, 200, 405]
+    assert data.endswith(b"Method Not Allowed\n")
+    assert [r.target for r in recorder.requests] == ["/a", "/b"]
 
 
 async def test_head_and_post_are_relayed(served: FrontSpec, recorder: Recorder) -> None:

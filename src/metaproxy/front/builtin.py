@@ -32,6 +32,7 @@ from metaproxy.front.netns import ListenSpec, open_listener_async
 from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
 from metaproxy.http import policy, wire
 from metaproxy.http.client import Cancel, Connector, UpstreamPool
+from metaproxy.http.outbox import Outbox
 from metaproxy.http.policy import Refusal, UpstreamRequest
 from metaproxy.http.ticker import Ticker
 
@@ -84,8 +85,9 @@ class _Front:
         self.pool = pool
         self.options = options
         self.limiter = limiter
-        # The engine's deadline sweep, which its pools share (see BuiltinFront._pool).
+        # The engine's deadline sweep and outbox, which its pools share (BuiltinFront._pool).
         self.ticker: Ticker = pool.ticker
+        self.outbox: Outbox = pool.outbox
         self.watched = False
         timeouts = spec.timeouts
         self.shortest = min(timeouts.http_request, timeouts.client, timeouts.http_keep_alive)
@@ -272,7 +274,7 @@ class _Connection(asyncio.Protocol):
                 self.phase = "body"
                 self._arm(front.spec.timeouts.client)
                 if request.expect_continue and not buf:
-                    self.transport.write(wire.CONTINUE)
+                    self._send(wire.CONTINUE)
                 return
             body = bytes(buf[:length])
             del buf[:length]
@@ -341,7 +343,7 @@ class _Connection(asyncio.Protocol):
         if front.draining and not close:
             out = _with_close(out)
             close = True
-        transport.write(out)
+        front.outbox.write(transport, out)
         stats = front.stats
         stats.requests += 1
         statuses = stats.statuses
@@ -367,7 +369,7 @@ class _Connection(asyncio.Protocol):
         """Answer a refusal ourselves and close: after a bad head, framing cannot be trusted."""
         front = self.front
         out = wire.error_response(refusal.status)
-        self.transport.write(out)
+        self._send(out)
         front.count(refusal.status)
         front.stats.refused += 1
         log.info(
@@ -382,7 +384,7 @@ class _Connection(asyncio.Protocol):
         front = self.front
         front.stats.rejected_connections += 1
         log.warning("%s client=%s connection rejected: %s", front.label, self.peer, reason)
-        self.transport.write(wire.error_response(status))
+        self._send(wire.error_response(status))
         self._close()
 
     def _arm(self, timeout: float) -> None:
@@ -394,14 +396,19 @@ class _Connection(asyncio.Protocol):
             return
         if self.phase in ("head", "body"):
             # haproxy's `timeout http-request`: a slow sender gets 408 and the connection ends.
-            self.transport.write(wire.error_response(408))
+            self._send(wire.error_response(408))
             self.front.count(408)
             log.info("%s client=%s request timed out", self.front.label, self.peer)
         self._close()
 
+    def _send(self, data: bytes) -> None:
+        """Every write to the client goes through the engine's outbox, in order."""
+        self.front.outbox.write(self.transport, data)
+
     def _close(self) -> None:
         if self.phase != "closed":
             self.phase = "closed"
+            self.front.outbox.flush()  # what this connection queued goes out before the FIN
             self.transport.close()
         self._release()
 
@@ -445,8 +452,9 @@ class BuiltinFront:
         self.connector = connector
         self._fronts: dict[str, _Front] = {}
         self._pools: dict[tuple[str, float, float], UpstreamPool] = {}
-        # One deadline sweep for every front and pool of this engine.
+        # One deadline sweep and one outbox for every front and pool of this engine.
         self._ticker = Ticker()
+        self._outbox = Outbox()
 
     def names(self) -> list[str]:
         return sorted(self._fronts)
@@ -536,6 +544,7 @@ class BuiltinFront:
                 server_timeout=key[2],
                 connector=self.connector,
                 ticker=self._ticker,
+                outbox=self._outbox,
             )
             self._pools[key] = pool
         return pool

@@ -25,6 +25,7 @@ from typing import Protocol, cast
 import httptools
 
 from metaproxy.errors import UpstreamError
+from metaproxy.http.outbox import Outbox
 from metaproxy.http.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or self.closed or transport.is_closing():
             self._fail(UpstreamError("agent connection closed", status_hint=502))
             return
-        transport.write(data)
+        pool.outbox.write(transport, data)
 
     def cancel(self) -> None:
         """The client went away: drop the exchange and the connection with it."""
@@ -316,7 +317,8 @@ class _Waiter:
 class UpstreamPool:
     """Keep-alive connections to one Unix socket, reused across every front that shares it.
 
-    `ticker`: the engine's deadline sweep (the pool makes its own when none is given).
+    `ticker`, `outbox`: the engine's deadline sweep and outbox (the pool makes its own when
+    none is given).
     """
 
     def __init__(
@@ -327,12 +329,14 @@ class UpstreamPool:
         server_timeout: float = 32.0,
         connector: Connector | None = None,
         ticker: Ticker | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.path = path
         self.connector = connector
         self.connect_timeout = connect_timeout
         self.server_timeout = server_timeout
         self.ticker = ticker if ticker is not None else Ticker()
+        self.outbox = outbox if outbox is not None else Outbox()
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._opening: set[asyncio.Task[None]] = set()
