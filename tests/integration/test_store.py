@@ -252,7 +252,7 @@ def test_data_version_moves_on_any_commit(store: SqliteStore) -> None:
 ROUNDS = 150
 
 
-def _writer(path: str, start: Any, done: Any) -> None:
+def _writer(path: str, start: Any, seen: Any, done: Any) -> None:
     """Adds instances (one transaction each: the instance and its 3 ports), removes half."""
     s = SqliteStore(path)
     start.wait(30)  # a barrier: both processes have opened the store before either goes
@@ -277,11 +277,15 @@ def _writer(path: str, start: Any, done: Any) -> None:
         )
         if n % 2:
             s.remove_instance(uid, with_ports=True)
+        if n == 0:
+            # Under load the reader may not get a turn before all rounds are written: let it
+            # see the first instance, so the rest is written while it reads.
+            seen.wait(30)
     done.set()
     s.close()
 
 
-def _reader(path: str, start: Any, done: Any, results: Any) -> None:
+def _reader(path: str, start: Any, seen: Any, done: Any, results: Any) -> None:
     """Reads whole instances (and writes too: networks) until the writer is done."""
     s = SqliteStore(path)
     reads = overlapping = 0
@@ -294,6 +298,7 @@ def _reader(path: str, start: Any, done: Any, results: Any) -> None:
                 # A view is all or nothing: writer instances always have exactly 3 ports.
                 if view is not None and inst.project_id == "pw":
                     overlapping += 1
+                    seen.set()
                     if len(view.ports) != 3:
                         results.put(f"half an instance: {inst.uuid}, {len(view.ports)} ports")
                 reads += 1
@@ -311,11 +316,11 @@ def test_two_processes_write_and_read_at_once(store: SqliteStore) -> None:
     ctx = multiprocessing.get_context("spawn")
     # A barrier, not an event set by this process: spawned children take a while to import, and
     # under load the writer could otherwise finish before the reader had even opened the store.
-    results, start, done = ctx.Queue(), ctx.Barrier(2), ctx.Event()
+    results, start, seen, done = ctx.Queue(), ctx.Barrier(2), ctx.Event(), ctx.Event()
     path = str(store.path)
     procs = [
-        ctx.Process(target=_writer, args=(path, start, done)),
-        ctx.Process(target=_reader, args=(path, start, done, results)),
+        ctx.Process(target=_writer, args=(path, start, seen, done)),
+        ctx.Process(target=_reader, args=(path, start, seen, done, results)),
     ]
     for p in procs:
         p.start()
