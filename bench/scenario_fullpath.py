@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from bench import fronts, inventory, stack, systems, wrk
 from bench.context import Context
+from bench.procs import BenchError, free_port
 from bench.report import Column, ScenarioResult, Table, at_least, at_most, median, ratio
 
 NAME = "fullpath"
@@ -39,6 +40,13 @@ def run(ctx: Context) -> ScenarioResult:
         if front.child is not None:
             front.also = [agent.child.pid, host.server.pid]
         systems_under_test.append((front, agent, "full"))
+    up = fronts.Front("up", "metaproxy up (front worker -> in-process agent and server)")
+    try:
+        up.port = free_port()
+        up.child = stack.start_up(ctx, ["127.0.0.1"], up.port)
+    except BenchError as exc:
+        up.error = str(exc).splitlines()[-1][:200]
+    systems_under_test.append((up, None, "full"))
     neutron = fronts.start_reference(ctx, "neutron", backend)
     neutron.label = "haproxy, Neutron config -> nginx (front only)"
     systems_under_test.append((neutron, None, "front"))
@@ -54,8 +62,8 @@ def run(ctx: Context) -> ScenarioResult:
     queries: dict[tuple[str, str], list[float]] = defaultdict(list)
     for rnd in range(opts.rounds):
         shift = rnd % len(live)
-        for front, agent, _ in live[shift:] + live[:shift]:
-            for path in PATHS if agent is not None else PATHS[1:]:
+        for front, agent, kind in live[shift:] + live[:shift]:
+            for path in PATHS if kind == "full" else PATHS[1:]:
                 ctx.log(f"round {rnd + 1}/{opts.rounds} {front.name} {path}")
                 before = agent.store_queries() if agent else 0
                 sample = fronts.measure(front, path, CONNS, opts.duration, script, rnd)
@@ -83,8 +91,8 @@ def run(ctx: Context) -> ScenarioResult:
             Column("errors", "d"),
         ],
     )
-    for front, agent, _ in systems_under_test:
-        for path in PATHS if agent is not None else PATHS[1:]:
+    for front, _, kind in systems_under_test:
+        for path in PATHS if kind == "full" else PATHS[1:]:
             if not front.up:
                 table.add(front.label, path, None, None, None, None, None, None, None)
                 continue
@@ -106,6 +114,9 @@ def run(ctx: Context) -> ScenarioResult:
         "store queries/req: calls of the store's PortDirectory methods counted inside the "
         "agent process during the run, divided by requests",
         f"metaproxy processes run with --log-level {opts.log_level}",
+        "metaproxy up: its own state and store; the front in the host namespace on "
+        "127.0.0.1, served by the unprivileged front worker; CPU us/req sums the manager, the "
+        "zygote and the worker; its agent is not instrumented (no store query count)",
         f"agents run with --pipeline {stack.pipeline()} (GETs may share a connection to the "
         "metadata server), as `metaproxy up` configures an agent for its embedded server",
     ]

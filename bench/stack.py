@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench import agentchild, inventory
 from bench.context import REPO, Context, metaproxy_argv, module_argv
-from bench.procs import BenchError, Child, unix_ready, wait_until
+from bench.procs import BenchError, Child, tcp_ready, unix_ready, wait_until
 from metaproxy.service.roles import EMBEDDED_PIPELINE
 
 
@@ -35,8 +35,8 @@ class Host:
     server: Child
 
 
-def import_store(ctx: Context, addresses: list[str]) -> Path:
-    store = ctx.workdir / "store.db"
+def import_store(ctx: Context, addresses: list[str], store: Path | None = None) -> Path:
+    store = store or ctx.workdir / "store.db"
     doc = ctx.workdir / "inventory.json"
     doc.write_text(json.dumps(inventory.document(addresses)))
     done = subprocess.run(
@@ -111,3 +111,22 @@ def start_agent(ctx: Context, host: Host, name: str, cache_ttl: float | None) ->
     child = ctx.track(Child(name, argv, ctx.workdir, cwd=REPO))
     wait_until(f"agent {name}", unix_ready(sock), 30, child)
     return Agent(name, sock, child, counter)
+
+
+def start_up(ctx: Context, addresses: list[str], port: int, tag: str = "up") -> Child:
+    """`metaproxy up` on a state of its own holding `addresses`: the embedded server and the
+    agent in the manager, the network's builtin front (in the host namespace, 127.0.0.1:port)
+    in its unprivileged front worker. Returns once the front answers TCP."""
+    state = ctx.workdir / f"state-{tag}"
+    state.mkdir(mode=0o700)
+    import_store(ctx, addresses, state / "metaproxy.db")
+    config = ctx.workdir / f"{tag}.toml"
+    config.write_text(
+        f'[service]\nstate_path = "{state}"\n\n'
+        f'[[network]]\nid = "{inventory.NETWORK_ID}"\nnetns = ""\n'
+        f'bind_address = "127.0.0.1"\nport = {port}\n'
+    )
+    argv = [*metaproxy_argv(), "--log-level", ctx.options.log_level, "up", "--config", str(config)]
+    child = ctx.track(Child(tag, argv, ctx.workdir))
+    wait_until("metaproxy up", tcp_ready("127.0.0.1", port), 60, child)
+    return child
