@@ -18,12 +18,12 @@ import pytest
 from support import cli, netns
 from support.engines import (
     ENGINE_PARAMS,
+    SOURCE_LIMIT_ENGINE_PARAMS,
     Front,
     exchange,
     free_port,
     ns_proxy_args,
     running_front,
-    skip_if_loopback_is_spread,
     status_of,
 )
 from support.recorder import Recorder
@@ -337,6 +337,7 @@ def test_head_just_under_the_limits_passes(front: Front, recorder: Recorder) -> 
 RATE_FLAGS = ("--rate_limit_enabled", "--base_window_duration", "60")
 
 
+@pytest.mark.parametrize("engine", SOURCE_LIMIT_ENGINE_PARAMS, indirect=True)
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
@@ -361,7 +362,6 @@ def test_rate_limit_refuses_one_source_and_not_another(
 ) -> None:
     """Neutron's [metadata_rate_limiting], on both engines: 429 past the limit, never relayed,
     and counted per source address (127.0.0.2 is another instance to the front)."""
-    skip_if_loopback_is_spread(engine)
     extra = (*RATE_FLAGS, "--burst_window_duration", "60", *flags)
     with running_front(engine, short_tmp / "state", recorder.path, extra=extra) as front:
         statuses = [status_of(_get(front)) for _ in expected]
@@ -376,13 +376,13 @@ def test_rate_limit_is_off_by_default(front: Front, recorder: Recorder) -> None:
     assert statuses == {200}
 
 
+@pytest.mark.parametrize("engine", SOURCE_LIMIT_ENGINE_PARAMS, indirect=True)
 def test_per_source_connection_cap_spares_other_sources(
     engine: str, short_tmp: Path, recorder: Recorder
 ) -> None:
     """--max_conn_per_source on both engines: one more connection from a source that holds
     the cap gets no answer from the agent (builtin: 429; haproxy: closed), another source
     does, and the source is served again once it lets one go."""
-    skip_if_loopback_is_spread(engine)
     extra = ("--max_conn_per_source", "3")
     with running_front(engine, short_tmp / "state", recorder.path, extra=extra) as front:
         held = [socket.create_connection((front.host, front.port), timeout=10) for _ in range(3)]
