@@ -32,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "With no config file it runs on the embedded defaults: state in /var/lib/metaproxy, "
         "SQLite store, a generated shared secret (0600), the "
-        "builtin engine. SIGHUP re-reads the config; SIGTERM/SIGINT stop it cleanly."
+        "builtin engine, whose fronts run in an unprivileged worker process (nobody, or "
+        "[front] user) that never holds the shared secret ([front] isolate = false keeps them "
+        "in this process). SIGHUP re-reads the config; SIGTERM/SIGINT stop it cleanly."
     )
     add_config_flag(parser)
     parser.add_argument(
