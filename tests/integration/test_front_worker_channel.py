@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from metaproxy.config import FrontSpec, Identity
+from metaproxy.errors import MetaproxyError
 from metaproxy.front import channel
 from metaproxy.front.builtin import EngineOptions
 from metaproxy.service import frontworkers
@@ -173,3 +174,56 @@ async def test_a_misbehaving_worker_is_killed_and_replaced(
         await engine.close()
         zygote.close()
     assert _open_fds() <= baseline + 1
+
+
+async def test_a_worker_dying_during_an_add_leaves_no_half_served_front(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The add fails (the manager retries later), and the replacement worker is given only
+    the listeners still registered: not the failed one behind the manager's back."""
+    monkeypatch.setattr(frontworkers, "BACKOFF", (0.05,))
+    adds: list[list[str]] = []
+
+    def dies_on_add(sock: socket.socket) -> None:
+        adds.append([])
+        channel.send_report(sock, {"op": "ready", "pid": 0, "uid": os.getuid()})
+        while (order := _order(sock)) is not None:
+            if order.get("op") == "add":
+                sock.close()  # gone without an answer
+                return
+
+    def records(sock: socket.socket) -> None:
+        seen: list[str] = []
+        adds.append(seen)
+        channel.send_report(sock, {"op": "ready", "pid": 0, "uid": os.getuid()})
+        while (order := _order(sock)) is not None and order.get("op") != "close":
+            if order.get("op") == "add":
+                spec = order["spec"]
+                assert isinstance(spec, FrontSpec)
+                seen.append(spec.name)
+                channel.send_report(sock, {"op": "added", "name": spec.name})
+        sock.close()  # told to close: the end of this worker
+
+    zygote = FakeZygote(dies_on_add)
+    zygote.behaviours.append(records)
+    engine = WorkerEngine(
+        zygote,  # type: ignore[arg-type]
+        _accept,
+        EngineOptions(),
+        uid=None,
+        gid=None,
+        log_level="INFO",
+        log_target="stderr",
+    )
+    spec = FrontSpec(
+        Identity("network", "net-1"), short_tmp / "agent", "127.0.0.1", free_port(), short_tmp
+    )
+    try:
+        with pytest.raises(MetaproxyError, match="front worker ended"):
+            await engine.start(spec)
+        assert engine.listeners == {}
+        await engine.start(spec)  # the reconcile loop's next attempt
+        assert adds == [[], [spec.name]]
+    finally:
+        await engine.close()
+        zygote.close()

@@ -89,30 +89,41 @@ class WorkerEngine:
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        self._lock = asyncio.Lock()
 
     # -- FrontEngine ---------------------------------------------------------------------------
 
     async def start(self, spec: FrontSpec) -> None:
-        worker = await self._live_worker()
-        sock = await open_listener_async(listen_spec(spec, freebind=self.options.freebind))
-        self.listeners[spec.name] = (spec, sock)
-        try:
-            await self._add(worker, spec, sock)
-        except BaseException:
-            del self.listeners[spec.name]
-            sock.close()
-            raise
+        # Under the lock, the set of listeners and what the live worker serves change together:
+        # a worker replaced meanwhile is given exactly the listeners registered at that moment.
+        while True:
+            worker = await self._live_worker()
+            async with self._lock:
+                if worker is not self.worker or worker.ended.is_set():
+                    continue  # replaced while we waited for the lock
+                listen = listen_spec(spec, freebind=self.options.freebind)
+                sock = await open_listener_async(listen)
+                self.listeners[spec.name] = (spec, sock)
+                try:
+                    await self._add(worker, spec, sock)
+                except BaseException:
+                    del self.listeners[spec.name]
+                    sock.close()
+                    raise
+                return
 
     async def stop(self, name: str) -> None:
-        entry = self.listeners.pop(name, None)
-        if entry is None:
-            return
-        worker = self.worker
-        try:
-            if worker is not None and not worker.ended.is_set():
-                await self._order(worker, name, {"op": "remove", "name": name, "drain": None})
-        finally:
-            entry[1].close()
+        async with self._lock:
+            entry = self.listeners.pop(name, None)
+            if entry is None:
+                return
+            worker = self.worker
+            try:
+                if worker is not None and not worker.ended.is_set():
+                    order = {"op": "remove", "name": name, "drain": None}
+                    await self._order(worker, name, order)
+            finally:
+                entry[1].close()
 
     def stats(self, name: str) -> FrontStats:
         worker = self.worker
@@ -179,11 +190,15 @@ class WorkerEngine:
                 await asyncio.sleep(BACKOFF[min(failures, len(BACKOFF) - 1)])
                 failures += 1
                 continue
-            for spec, sock in list(self.listeners.values()):
-                try:
-                    await self._add(worker, spec, sock)
-                except (MetaproxyError, TimeoutError) as exc:
-                    log.error("front worker %d: cannot serve %s: %s", worker.pid, spec.name, exc)
+            async with self._lock:
+                self.worker = worker
+                for spec, sock in list(self.listeners.values()):
+                    try:
+                        await self._add(worker, spec, sock)
+                    except (MetaproxyError, TimeoutError) as exc:
+                        log.error(
+                            "front worker %d: cannot serve %s: %s", worker.pid, spec.name, exc
+                        )
             self._started.set()
             born = asyncio.get_running_loop().time()
             await worker.ended.wait()
@@ -210,7 +225,6 @@ class WorkerEngine:
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._readable, worker)
-        self.worker = worker
         ready = worker.replies["ready"] = loop.create_future()
         try:
             async with asyncio.timeout(ORDER_TIMEOUT):
