@@ -227,3 +227,27 @@ async def test_a_worker_dying_during_an_add_leaves_no_half_served_front(
     finally:
         await engine.close()
         zygote.close()
+
+
+async def test_stats_for_fronts_never_given_are_ignored(short_tmp: Path) -> None:
+    """A worker inventing front names must not grow the manager's memory."""
+    engine = WorkerEngine(
+        FakeZygote(_serve_then(lambda s: None)),  # type: ignore[arg-type]
+        _accept,
+        EngineOptions(),
+        uid=None,
+        gid=None,
+        log_level="INFO",
+        log_target="stderr",
+    )
+    ours, theirs = channel.pair()
+    try:
+        worker = frontworkers._Worker(ours, os.getpid())
+        spec = FrontSpec(Identity("network", "net-1"), short_tmp / "a", "127.0.0.1", 80, short_tmp)
+        engine.listeners[spec.name] = (spec, theirs)
+        invented = {f"network-x{i}": {"requests": 1} for i in range(5000)}
+        engine._heed(worker, {"op": "stats", "fronts": {**invented, spec.name: {"requests": 7}}})
+        assert worker.stats == {spec.name: {"requests": 7}}
+    finally:
+        ours.close()
+        theirs.close()

@@ -294,7 +294,10 @@ class WorkerEngine:
             fronts = report["fronts"]
             if not isinstance(fronts, dict):
                 raise TypeError("fronts is not a mapping")
-            worker.stats.update(fronts)
+            # Only fronts we gave it: a worker inventing names must not grow our memory.
+            for name, numbers in fronts.items():
+                if name in self.listeners and isinstance(numbers, dict):
+                    worker.stats[name] = numbers
         elif op == "connect":
             ident = report["id"]
             if not isinstance(ident, int):
