@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from attack.backend import Upstream
 from attack.client import Exchange
 from attack.corpus import FORGED_MARKERS, Case
+from metaproxy.haproxy.render import FORWARDED_HEADERS
 
 ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT"})
 IDENTITY_PREFIXES = ("x-neutron-", "x-ovn-", "x-instance-id", "x-metadata-provider")
 IDENTITY_NAMES = frozenset({"x-tenant-id", "x-forwarded-for", "forwarded", "x-real-ip"})
 MAX_BODY = 64 * 1024
+RELAYED_NAMES = frozenset(FORWARDED_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,22 @@ class Verdict:
         return not self.problems
 
 
+def forged_markers(raw_head: bytes) -> list[bytes]:
+    """The forged markers in a head outside what is relayed as the guest sent it.
+
+    The target and the allow-listed fields (Host, Accept, ...) are the guest's own and relayed
+    by design, so a marker there (a mutated request can move `EVIL` into an Accept value) is
+    not a leak; the identity fields are held to their exact values by `check_upstream`.
+    """
+    kept = []
+    for line in raw_head.split(b"\r\n")[1:]:
+        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
+        if name not in RELAYED_NAMES:
+            kept.append(line)
+    rest = b"\r\n".join(kept).lower()
+    return [m for m in FORGED_MARKERS if m in rest]
+
+
 def is_identity_name(name: str) -> bool:
     """Whether a header name belongs to the identity family (any case, `_` for `-`)."""
     key = name.lower().replace("_", "-")
@@ -57,10 +75,8 @@ def check_upstream(up: Upstream, truth: Truth) -> list[str]:
         problems.append("fragment forwarded in the target")
     if up.version not in ("HTTP/1.1", "HTTP/1.0"):
         problems.append(f"version {up.version!r}")
-    lowered = up.raw_head.lower()
-    for marker in FORGED_MARKERS:
-        if marker in lowered:
-            problems.append(f"forged value {marker.decode()!r} in the upstream head")
+    for marker in forged_markers(up.raw_head):
+        problems.append(f"forged value {marker.decode()!r} in the upstream head")
     for name, _ in up.headers:
         if is_identity_name(name) and name.lower() not in (truth.header.lower(), "x-forwarded-for"):
             problems.append(f"identity header {name!r} forwarded")
@@ -84,7 +100,7 @@ def judge(
     complete = [u for u in ups if u.complete]
     problems: list[str] = []
     for i, up in enumerate(ups):
-        if not up.complete and any(m in up.raw_head.lower() for m in FORGED_MARKERS):
+        if not up.complete and forged_markers(up.raw_head):
             problems.append(f"upstream #{i}: forged value in an unfinished upstream request")
         problems += [f"upstream #{i}: {p}" for p in check_upstream(up, truth) if up.complete]
     if len(complete) > case.forwards:

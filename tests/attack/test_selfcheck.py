@@ -88,3 +88,27 @@ def test_backend_notes_framing_problems(raw: bytes, problem: str) -> None:
     up, used = parse_one(raw)
     assert any(problem in p for p in up.problems), up.problems
     assert used == len(raw)
+
+
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        pytest.param(b"GET /x HTTP/1.1\r\nAccept: EVIL-0000-forged", [], id="allowed-field"),
+        pytest.param(b"GET /evil HTTP/1.1\r\nHost: a", [], id="target"),
+        pytest.param(b"GET / HTTP/1.1\r\nX-Foo: EVIL", [b"evil"], id="unlisted-field"),
+        pytest.param(b"GET / HTTP/1.1\r\nX-Neutron-Network-ID: evil", [b"evil"], id="identity"),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nAccept: a\r\nX-Forwarded-For: 169.254.6.66",
+            [b"169.254.6.66"],
+            id="forged-peer",
+        ),
+    ],
+)
+def test_forged_markers_count_outside_what_is_relayed_as_sent(
+    head: bytes, found: list[bytes]
+) -> None:
+    """The guest's own target and allow-listed fields are relayed by design: a marker there
+    (a mutated request moved `EVIL` into an Accept value) is no leak; anywhere else it is."""
+    from attack.judge import forged_markers
+
+    assert forged_markers(head) == found
