@@ -44,8 +44,16 @@ class Stack:
     pairs: dict[str, netns.Pair] = field(default_factory=dict)
     instances: dict[str, str] = field(default_factory=dict)  # network id → instance uuid
 
-    def start(self, *extra: str) -> None:
-        self.proc = cli.popen("up", "--config", str(self.config), *extra, stdout=subprocess.PIPE)
+    def start(self, *extra: str, environ: dict[str, str] | None = None) -> None:
+        """`metaproxy up --config CONFIG *extra`; `environ`: more environment variables."""
+        self.proc = cli.popen(
+            "up",
+            "--config",
+            str(self.config),
+            *extra,
+            stdout=subprocess.PIPE,
+            env=cli.env(**(environ or {})),
+        )
 
     def status(self) -> dict[str, Any]:
         result = cli.run("status", "--json", "--config", str(self.config), timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,13 @@ NOBODY = 65534
 
 
 @contextlib.contextmanager
-def running(short_tmp: Path, *, front: str = "", clean: bool = True) -> Iterator[tuple[Stack, str]]:
+def running(
+    short_tmp: Path,
+    *,
+    front: str = "",
+    clean: bool = True,
+    environ: dict[str, str] | None = None,
+) -> Iterator[tuple[Stack, str]]:
     """`metaproxy up` (builtin engine) with one network; stopped and checked (`clean`) after."""
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces (CI runs as root)")
@@ -49,7 +56,7 @@ id = "{tag}"
 netns = "{st.pairs[tag].net_ns}"
 """
         )
-        st.start()
+        st.start(environ=environ)
         st.wait_running(tag)
         yield st, tag
         if clean:
@@ -128,6 +135,22 @@ def test_the_shared_secret_is_not_in_the_workers_memory(stack: tuple[Stack, str]
     assert _memory_holds(manager, secret), "the search must find it where it is"
     assert not _memory_holds(zygote, secret)
     assert not _memory_holds(worker, secret)
+
+
+def test_a_secret_from_the_environment_is_scrubbed_from_the_worker(short_tmp: Path) -> None:
+    """METAPROXY_SERVICE__SHARED_SECRET is in the environment block `up` starts with; the
+    zygote overwrites it (and Python's copy) before forking, so the worker has no copy."""
+    secret = secrets.token_urlsafe(40)
+    env = {"METAPROXY_SERVICE__SHARED_SECRET": secret}
+    with running(short_tmp, environ=env) as (st, tag):
+        assert st.get(tag, "/openstack/latest/meta_data.json")[0] == 404  # the agent signs
+        manager, zygote, worker = _processes(st)
+        needle = secret.encode()
+        assert _memory_holds(manager, needle), "the search must find it where it is"
+        assert not _memory_holds(zygote, needle)
+        assert not _memory_holds(worker, needle)
+        environ = Path(f"/proc/{worker}/environ").read_bytes()
+        assert b"METAPROXY_SERVICE__SHARED_SECRET=" + b"*" * len(needle) in environ
 
 
 def test_no_orphans_when_the_manager_is_killed(short_tmp: Path) -> None:

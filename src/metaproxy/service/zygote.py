@@ -16,22 +16,29 @@ manager sees a worker end when the worker's channel closes. The zygote dies with
 (and its workers with it: PR_SET_PDEATHSIG); they ignore SIGINT, SIGHUP and SIGTERM, so a
 Ctrl-C or a signal to the whole group leaves the stopping (and draining) to the manager.
 
-Limit: the environment is the one `up` started with. A secret passed as
-METAPROXY_SERVICE__SHARED_SECRET is in every process's environment block; the default (the
-secret file) is not.
+The environment is the one `up` started with: a secret given as METAPROXY_SERVICE__SHARED_SECRET
+(or any variable whose name says secret, password, token, key, credential or auth, such as an
+operator's OS_PASSWORD) would be in the zygote's memory twice — the process's environment block
+and Python's copy of it. The zygote
+overwrites both before it forks anything, so no worker carries it (the secret file, the
+default, was never in its memory).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
 import os
 import pickle
+import posix
 import select
 import signal
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from metaproxy import forking
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _SPAWN_TIMEOUT = 10.0
+_BYTES_DATA_OFFSET = sys.getsizeof(b"") - 1  # where a bytes object's characters start
 
 
 class Zygote:
@@ -110,9 +118,53 @@ def _current_mask() -> set[int | signal.Signals]:
     return signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
+_SECRET_WORDS = (b"secret", b"password", b"passwd", b"token", b"key", b"credential", b"auth")
+
+
+def secretish(name: bytes) -> bool:
+    """An environment variable that may carry a secret: ours (METAPROXY_SERVICE__SHARED_SECRET)
+    or anyone's (OS_PASSWORD, AWS_SECRET_ACCESS_KEY, ...). A worker needs none of them."""
+    lowered = name.lower()
+    return any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith((b"_file", b"_path"))
+
+
+def scrub_environment() -> list[str]:
+    """Overwrite the values of secret-like variables in this process's memory (see the
+    module docstring); the names scrubbed. Call it in the zygote only: the manager needs them.
+    """
+    scrubbed = []
+    # 1. The environment block the kernel placed on the stack (also /proc/PID/environ).
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    env_start, env_end = int(fields[47]), int(fields[48])  # stat fields 50 and 51
+    block = ctypes.string_at(env_start, env_end - env_start)  # a copy: wiped below
+    try:
+        pos = 0
+        while pos < len(block):
+            end = block.find(b"\0", pos)
+            end = len(block) if end < 0 else end
+            equals = block.find(b"=", pos, end)
+            if equals > pos and end > equals + 1 and secretish(block[pos:equals]):
+                ctypes.memset(env_start + equals + 1, ord("*"), end - equals - 1)
+                scrubbed.append(block[pos:equals].decode(errors="replace"))
+            pos = end + 1
+    finally:
+        _wipe(block)
+    # 2. Python's copy (posix.environ, which os.environ wraps): its bytes, in place.
+    for name, value in list(posix.environ.items()):
+        if value and secretish(name):
+            _wipe(value)
+    return scrubbed
+
+
+def _wipe(data: bytes) -> None:
+    """Overwrite a bytes object's characters in place (it must hold nothing anyone reads)."""
+    ctypes.memset(id(data) + _BYTES_DATA_OFFSET, ord("*"), len(data))
+
+
 def _serve(sock: socket.socket) -> int:
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    scrub_environment()
     me = os.getpid()
     children: set[int] = set()
     while True:
