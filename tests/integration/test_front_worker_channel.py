@@ -126,6 +126,19 @@ async def _accept(sock: socket.socket) -> None:
     sock.close()  # an agent that takes the connection and hangs up
 
 
+def _engine(zygote: FakeZygote) -> WorkerEngine:
+    """The manager's engine on a fake zygote, as root-less as the test runs."""
+    return WorkerEngine(
+        zygote,  # type: ignore[arg-type]
+        _accept,
+        EngineOptions(),
+        uid=None,
+        gid=None,
+        log_level="INFO",
+        log_target="stderr",
+    )
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -145,15 +158,7 @@ async def test_a_misbehaving_worker_is_killed_and_replaced(
 ) -> None:
     monkeypatch.setattr(frontworkers, "BACKOFF", (0.05,))
     zygote = FakeZygote(_serve_then(misbehave))
-    engine = WorkerEngine(
-        zygote,  # type: ignore[arg-type]
-        _accept,
-        EngineOptions(),
-        uid=None,
-        gid=None,
-        log_level="INFO",
-        log_target="stderr",
-    )
+    engine = _engine(zygote)
     spec = FrontSpec(
         Identity("network", "net-1"), short_tmp / "agent", "127.0.0.1", free_port(), short_tmp
     )
@@ -206,15 +211,7 @@ async def test_a_worker_dying_during_an_add_leaves_no_half_served_front(
 
     zygote = FakeZygote(dies_on_add)
     zygote.behaviours.append(records)
-    engine = WorkerEngine(
-        zygote,  # type: ignore[arg-type]
-        _accept,
-        EngineOptions(),
-        uid=None,
-        gid=None,
-        log_level="INFO",
-        log_target="stderr",
-    )
+    engine = _engine(zygote)
     spec = FrontSpec(
         Identity("network", "net-1"), short_tmp / "agent", "127.0.0.1", free_port(), short_tmp
     )
@@ -231,15 +228,7 @@ async def test_a_worker_dying_during_an_add_leaves_no_half_served_front(
 
 async def test_stats_for_fronts_never_given_are_ignored(short_tmp: Path) -> None:
     """A worker inventing front names must not grow the manager's memory."""
-    engine = WorkerEngine(
-        FakeZygote(_serve_then(lambda s: None)),  # type: ignore[arg-type]
-        _accept,
-        EngineOptions(),
-        uid=None,
-        gid=None,
-        log_level="INFO",
-        log_target="stderr",
-    )
+    engine = _engine(FakeZygote(_serve_then(lambda s: None)))
     ours, theirs = channel.pair()
     try:
         worker = frontworkers._Worker(ours, os.getpid())

@@ -29,7 +29,12 @@ from typing import cast
 from metaproxy.config import FrontSpec
 from metaproxy.errors import ConfigError, UpstreamError
 from metaproxy.front.netns import ListenSpec, open_listener_async
-from metaproxy.front.ratelimit import RateLimitConfig, RateLimiter
+from metaproxy.front.ratelimit import (
+    MAX_CONN_PER_SOURCE,
+    RateLimitConfig,
+    RateLimiter,
+    SourceLimits,
+)
 from metaproxy.http import policy, wire
 from metaproxy.http.client import Cancel, Connector, UpstreamPool
 from metaproxy.http.outbox import Outbox
@@ -48,7 +53,7 @@ _LOG_PATH_MAX = 512
 class EngineOptions:
     """Engine-wide knobs; per-network ones (timeouts, maxconn, body cap) live in FrontSpec."""
 
-    max_conn_per_source: int = 64
+    max_conn_per_source: int = MAX_CONN_PER_SOURCE
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     access_log: bool = True
     freebind: bool = False
@@ -56,10 +61,7 @@ class EngineOptions:
     drain_timeout: float = 3.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_conn_per_source <= 1_000_000:
-            raise ConfigError(
-                "max_conn_per_source must be between 1 and 1000000", key="max_conn_per_source"
-            )
+        SourceLimits(self.max_conn_per_source, self.rate_limit)  # the limits' own checks
 
 
 @dataclass(slots=True)

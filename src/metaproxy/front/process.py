@@ -25,7 +25,7 @@ from metaproxy import errors
 from metaproxy.config import FrontSpec
 from metaproxy.errors import ConfigError, MetaproxyError, ProcessError
 from metaproxy.front.builtin import BuiltinFront, EngineOptions, new_event_loop
-from metaproxy.front.ratelimit import RateLimitConfig
+from metaproxy.front.ratelimit import SourceLimits
 from metaproxy.security import files
 from metaproxy.service import pidfile
 
@@ -42,15 +42,9 @@ def pid_path(spec: FrontSpec) -> Path:
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """The engine-wide knobs from ns-proxy flags (absent flags keep the defaults)."""
-    rate = {
-        name: getattr(args, name)
-        for name in RateLimitConfig.__dataclass_fields__
-        if getattr(args, name, None) is not None
-    }
-    per_source = getattr(args, "max_conn_per_source", None)
+    limits = SourceLimits.from_flags(vars(args))
     return EngineOptions(
-        max_conn_per_source=per_source if per_source is not None else 64,
-        rate_limit=RateLimitConfig.from_mapping(rate),
+        max_conn_per_source=limits.max_conn_per_source, rate_limit=limits.rate_limit
     )
 
 

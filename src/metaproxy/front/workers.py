@@ -38,7 +38,7 @@ from metaproxy import forking
 from metaproxy.config import FrontSpec
 from metaproxy.errors import ConfigError, MetaproxyError
 from metaproxy.front import netns, steering
-from metaproxy.front.builtin import BuiltinFront, EngineOptions, new_event_loop
+from metaproxy.front.builtin import BuiltinFront, EngineOptions, listen_spec, new_event_loop
 from metaproxy.front.process import (
     Ready,
     await_ready,
@@ -77,14 +77,8 @@ def serve_group(
 ) -> int:
     """Serve `spec` with `count` workers until SIGTERM/SIGINT (see the module docstring)."""
     shares = split_maxconn(spec.maxconn, count)
-    listen = netns.ListenSpec(
-        address=spec.bind_address,
-        port=spec.port,
-        netns=spec.netns,
-        interface=spec.interface,
-        freebind=options.freebind,
-        backlog=min(shares[0], 4096),
-    )
+    # Each socket's backlog is sized by the largest worker's share of maxconn.
+    listen = listen_spec(dataclasses.replace(spec, maxconn=shares[0]), freebind=options.freebind)
     family = socket.AF_INET6 if ":" in spec.bind_address else socket.AF_INET
     program = steering.program(family, count)
     sockets = netns.open_listeners(listen, count, functools.partial(_steer, program))
