@@ -2,8 +2,13 @@
 
 Each connection reads whole requests — the head up to the blank line within `max_head` bytes
 and `MAX_HEADERS` fields (else 431), then the body by Content-Length or chunks within
-`max_body` (else 413) — and answers them strictly in order, so pipelining is safe. No policy
-lives here: the handler decides; this layer only moves bytes and enforces sizes and idleness.
+`max_body` (else 413) — and answers them strictly in order, so pipelining is safe. Pipelined
+GETs and HEADs go to the handler together (a slow one does not hold up the work of those behind
+it, only their answers); any other method waits until everything before it is answered, and
+everything after it waits for its answer. A request's `X-Metaproxy-Seq` field is echoed in its
+answer, which is how a builtin front checks that each answer is the one it is waiting for
+(`metaproxy.http.client`). No policy lives here: the handler decides; this layer only moves
+bytes and enforces sizes and idleness.
 """
 
 from __future__ import annotations
@@ -32,13 +37,18 @@ IDENTITY_FIELDS = frozenset(
     name.lower().encode() for name in (NETWORK_HEADER, ROUTER_HEADER, FORWARDED_FOR)
 )
 RELAYED_FIELDS = frozenset(name.lower().encode() for name in FORWARDED_HEADERS)
-_IDENTITY, _RELAYED, _LENGTH, _EXPECT = 1, 2, 3, 4
+_IDENTITY, _RELAYED, _LENGTH, _EXPECT, _SEQ = 1, 2, 3, 4, 5
 _FIELDS = {
     **dict.fromkeys(IDENTITY_FIELDS, _IDENTITY),
     **dict.fromkeys(RELAYED_FIELDS, _RELAYED),
     b"content-length": _LENGTH,
     b"expect": _EXPECT,
+    b"x-metaproxy-seq": _SEQ,
 }
+SEQ_FIELD = b"X-Metaproxy-Seq"
+_MAX_SEQ = 20  # digits
+# Requests of one connection that may be worked on at once (no side effects to order).
+_CONCURRENT = frozenset({"GET", "HEAD"})
 
 
 class Request:
@@ -83,14 +93,36 @@ class _Refuse(Exception):
 
 
 class _Item:
-    """A pending answer: a request for the handler, or a refusal (`status`, then close)."""
+    """A pending answer: a request for the handler, or a refusal (`status`, then close).
 
-    __slots__ = ("keep_alive", "request", "status")
+    `seq`: the request's X-Metaproxy-Seq, echoed in the answer; `reply`: the handler's answer,
+    kept until those before it are written.
+    """
 
-    def __init__(self, request: Request | None, keep_alive: bool, status: int = 400) -> None:
+    __slots__ = ("keep_alive", "owner", "reply", "request", "seq", "status")
+
+    def __init__(
+        self,
+        owner: AgentProtocol,
+        request: Request | None,
+        keep_alive: bool,
+        status: int = 400,
+        seq: bytes = b"",
+    ) -> None:
+        self.owner = owner
         self.request = request
         self.keep_alive = keep_alive
         self.status = status
+        self.seq = seq
+        self.reply: Reply | None = None
+
+    def answered(self, reply: Reply) -> None:
+        """The handler's callback for this request."""
+        if self.reply is None:
+            self.reply = reply
+            owner = self.owner
+            owner._flush()
+            owner._next()
 
 
 class AgentProtocol(asyncio.Protocol):
@@ -113,8 +145,9 @@ class AgentProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
         self._last = 0.0  # loop time of the last byte in or answer out
+        # Requests read and not yet answered, in order; the first `_handed` are with the handler.
         self._pending: collections.deque[_Item] = collections.deque()
-        self._inflight = False  # the first pending request is with the handler
+        self._handed = 0
         self._running = False  # inside _next (a handler may answer at once)
         self._paused = False
         self._broken = False
@@ -126,12 +159,13 @@ class AgentProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._identity: tuple[tuple[bytes, bytes], ...] = ()
         self._relayed: tuple[tuple[bytes, bytes], ...] = ()
+        self._seq = b""
         self._body: list[bytes] = []
         self._body_bytes = 0
 
     @property
     def busy(self) -> bool:
-        return self._inflight or bool(self._pending)
+        return bool(self._pending)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -147,6 +181,7 @@ class AgentProtocol(asyncio.Protocol):
             self._idle.cancel()
         self._transport = None
         self._pending.clear()
+        self._handed = 0
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
@@ -160,7 +195,7 @@ class AgentProtocol(asyncio.Protocol):
             if not isinstance(cause, _Refuse):
                 log.warning("refusing a malformed request from a front: %s", exc)
             self._broken = True
-            self._enqueue(_Item(None, keep_alive=False, status=status))
+            self._enqueue(_Item(self, None, keep_alive=False, status=status))
 
     def close(self) -> None:
         if self._transport is not None:
@@ -183,6 +218,7 @@ class AgentProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         expect = False
+        seq = None
         identity = []
         relayed = []
         for name, value in self._headers:
@@ -197,8 +233,13 @@ class AgentProtocol(asyncio.Protocol):
             elif kind == _LENGTH:
                 if value.isdigit() and int(value) > self._max_body:
                     raise _Refuse(413)
+            elif kind == _SEQ:
+                if seq is not None or not value.isdigit() or len(value) > _MAX_SEQ:
+                    raise _Refuse(400)
+                seq = value
             elif value.strip().lower() == b"100-continue":
                 expect = True
+        self._seq = seq or b""
         self._identity = tuple(identity)
         self._relayed = tuple(relayed)
         # RFC 9110 §10.1.1: a client that sent Expect waits for 100 before its body; answer it
@@ -223,8 +264,9 @@ class AgentProtocol(asyncio.Protocol):
             b"".join(self._body) if self._body else b"",
             keep_alive,
         )
+        seq = self._seq
         self._reset()  # for the next message on this connection
-        self._enqueue(_Item(request, keep_alive))
+        self._enqueue(_Item(self, request, keep_alive, seq=seq))
 
     # -- answering, in order ----------------------------------------------------------------
 
@@ -233,37 +275,49 @@ class AgentProtocol(asyncio.Protocol):
         if len(self._pending) >= MAX_PENDING and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
-        if not self._inflight:
-            self._next()
+        self._next()
 
     def _next(self) -> None:
-        """Hand the first pending request to the handler (or answer a refused one), in order."""
+        """Hand the requests that may start now to the handler, in order (see the module doc);
+        a refused one gets its answer in its turn."""
         if self._running:
             return  # the loop below picks it up
         self._running = True
+        pending = self._pending
         try:
-            while self._pending and not self._inflight and self._transport is not None:
-                item = self._pending[0]
-                if self._paused and len(self._pending) <= MAX_PENDING // 2:
-                    self._transport.resume_reading()
-                    self._paused = False
-                if item.request is None:
-                    self._pending.popleft()
-                    self._write(Reply(item.status, generic_body(item.status)), item)
+            # A handler may answer at once: `_flush` then pops answered items and lowers
+            # `_handed`, so the index below stays right.
+            while self._handed < len(pending) and self._transport is not None:
+                item = pending[self._handed]
+                request = item.request
+                if request is None:
+                    self._handed += 1
+                    item.answered(Reply(item.status, generic_body(item.status)))
                     continue
-                self._inflight = True
-                self._handler(item.request, self._answered)
+                if self._handed:
+                    ahead = pending[self._handed - 1].request
+                    if request.method not in _CONCURRENT or (
+                        ahead is not None and ahead.method not in _CONCURRENT
+                    ):
+                        break  # waits for everything before it to be answered
+                self._handed += 1
+                self._handler(request, item.answered)
         finally:
             self._running = False
 
-    def _answered(self, reply: Reply) -> None:
-        """The handler's answer to the first pending request."""
-        if not self._inflight or not self._pending:
-            return  # the connection was lost meanwhile
-        self._inflight = False
-        item = self._pending.popleft()
-        self._write(reply, item)
-        self._next()
+    def _flush(self) -> None:
+        """Write the answers that are next in order."""
+        pending = self._pending
+        while pending:
+            reply = pending[0].reply
+            if reply is None:
+                break
+            item = pending.popleft()
+            self._handed -= 1
+            self._write(reply, item)
+        if self._paused and len(pending) <= MAX_PENDING // 2 and self._transport is not None:
+            self._transport.resume_reading()
+            self._paused = False
 
     def _write(self, reply: Reply, item: _Item) -> None:
         transport = self._transport
@@ -272,10 +326,13 @@ class AgentProtocol(asyncio.Protocol):
         self._last = self._loop.time()
         head_only = item.request is not None and item.request.method == "HEAD"
         head = _head(reply.status, reply.headers) + b"Content-Length: %d\r\n" % len(reply.body)
+        if item.seq:
+            head += b"%s: %s\r\n" % (SEQ_FIELD, item.seq)
         if not item.keep_alive:
             head += b"Connection: close\r\n\r\n"
             transport.write(head if head_only else head + reply.body)
             self._pending.clear()
+            self._handed = 0
             self.close()
             return
         head += b"\r\n"
