@@ -25,7 +25,12 @@ def need(binary: str) -> str:
 
 
 def nginx_conf(workdir: Path, socket_path: Path) -> str:
-    """One foreground nginx process answering every request with BACKEND_BODY, keep-alive."""
+    """One foreground nginx process answering every request with BACKEND_BODY, keep-alive.
+
+    It echoes a request's X-Metaproxy-Seq, as metaproxy's agent does: a builtin front then
+    pipelines GETs to it (metaproxy.http.client). nginx adds no field when the request has
+    none, so the haproxy references see the same answers as before.
+    """
     return f"""\
 daemon off;
 master_process off;
@@ -45,7 +50,10 @@ http {{
     server {{
         listen unix:{socket_path};
         default_type application/json;
-        location / {{ return 200 '{BACKEND_BODY}'; }}
+        location / {{
+            add_header X-Metaproxy-Seq $http_x_metaproxy_seq always;
+            return 200 '{BACKEND_BODY}';
+        }}
     }}
 }}
 """

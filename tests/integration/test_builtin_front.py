@@ -149,6 +149,47 @@ async def test_a_refusal_behind_pipelined_requests_comes_after_their_answers(
     assert [r.target for r in recorder.requests] == ["/a", "/b"]
 
 
+async def test_a_screened_head_is_kept_per_front_bounded_and_same_as_fresh(
+    engine: BuiltinFront, recorder: Recorder, short_tmp: Path
+) -> None:
+    """A head seen before is not parsed again (`_Front.remember`): the agent gets the same
+    request, refusals are never kept, no front sees another's, and a guest sending ever new
+    heads cannot grow it."""
+    a = make_spec(recorder.path, short_tmp / "a")
+    b = make_spec(recorder.path, short_tmp / "b", identity=Identity("network", "net-2"))
+    await engine.add(a)
+    await engine.add(b)
+    get = head("Host: 169.254.169.254", "User-Agent: Cloud-Init/23.1")
+    post = head(
+        "Host: a", "Content-Length: 5", request_line="POST /openstack/latest/password HTTP/1.1"
+    )
+    reader, writer = await asyncio.open_connection(HOST, a.port)
+    try:
+        async with asyncio.timeout(20):
+            for raw in (get, get, post + b"first", post + b"again"):
+                writer.write(raw)
+                assert status_of(await read_response(reader)) == 200
+            for i in range(200):  # ever new heads
+                writer.write(head("Host: a", request_line=f"GET /n/{i} HTTP/1.1"))
+                assert status_of(await read_response(reader)) == 200
+            writer.write(get)
+            assert status_of(await read_response(reader)) == 200
+    finally:
+        writer.close()
+    refused = await exchange(HOST, a.port, head("Host: a", request_line="TRACE / HTTP/1.1"))
+    assert status_of(refused) == 405
+
+    def sent(index: int) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in recorder.requests[index].headers if k != "X-Metaproxy-Seq"]
+
+    assert sent(0) == sent(1) == sent(-1)  # kept, evicted and parsed again: the same request
+    assert [r.body for r in recorder.requests[2:4]] == [b"first", b"again"]
+    front_a = engine._fronts[a.name]
+    assert 0 < len(front_a.screened) <= 64
+    assert not any(raw.startswith(b"TRACE") for raw in front_a.screened)
+    assert engine._fronts[b.name].screened == {}
+
+
 async def test_head_and_post_are_relayed(served: FrontSpec, recorder: Recorder) -> None:
     reader, writer = await asyncio.open_connection(HOST, served.port)
     try:

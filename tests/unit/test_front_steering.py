@@ -90,6 +90,13 @@ def test_more_workers_than_maxconn_is_refused() -> None:
             "--workers is for the builtin engine",
             id="haproxy",
         ),
+        pytest.param(["--pipeline", "0"], "--pipeline must be between 1 and 64, not 0", id="p0"),
+        pytest.param(["--pipeline", "65"], "--pipeline must be between 1 and 64, not 65", id="p65"),
+        pytest.param(
+            ["--pipeline", "4", "--engine", "haproxy"],
+            "--pipeline is for the builtin engine",
+            id="pipeline-haproxy",
+        ),
     ],
 )
 def test_bad_workers_flag_is_a_usage_error(
@@ -106,3 +113,5 @@ def test_help_explains_the_workers_trade_off(capsys: pytest.CaptureFixture[str])
     assert "--workers N" in text
     assert "ceil(maxconn/N)" in text
     assert "same worker" in text
+    assert "--pipeline N" in text
+    assert "never relayed to the wrong instance" in text

@@ -142,6 +142,9 @@ def test_environment_overrides_the_file() -> None:
         pytest.param(
             {"front": {"max_conn_per_source": 0}}, "front.max_conn_per_source", id="per-source-0"
         ),
+        pytest.param({"front": {"pipeline": 0}}, "front.pipeline", id="pipeline-0"),
+        pytest.param({"front": {"pipeline": 65}}, "front.pipeline", id="pipeline-65"),
+        pytest.param({"front": {"pipeline": "deep"}}, "front.pipeline", id="pipeline-word"),
         pytest.param(
             {"metadata_rate_limiting": {"rate_limit": True}},
             "metadata_rate_limiting.rate_limit",
@@ -246,6 +249,16 @@ def test_rate_limits_take_neutrons_section_and_names() -> None:
     shown = describe(cfg)
     assert shown["front"]["max_conn_per_source"] == 16
     assert shown["metadata_rate_limiting"]["ip_versions"] == [4, 6]
+
+
+def test_pipeline_depth_reaches_the_engine_options() -> None:
+    from metaproxy.service.engines import create
+
+    assert _compose({}).front.pipeline == 8
+    cfg = _compose({"front": {"pipeline": 3, "isolate": False}})
+    assert describe(cfg)["front"]["pipeline"] == 3
+    engine = create(cfg)
+    assert engine.front.options.pipeline == 3  # type: ignore[attr-defined]
 
 
 def test_rate_limits_are_off_by_default_and_take_environment_strings() -> None:

@@ -147,6 +147,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "per worker). The network's maxconn is split: each worker takes at most "
         "ceil(maxconn/N), never more than maxconn in all. One instance still gets one core",
     )
+    _flag(
+        builtin,
+        "pipeline",
+        metavar="N",
+        type=int,
+        help="GETs of different instances in flight at once on one agent connection, 1 to 64 "
+        "(default 8; 1: never). Only on a connection whose agent has echoed the "
+        "X-Metaproxy-Seq number of a request, as metaproxy's agent does, and every answer on "
+        "it must carry the number of the request it answers, or the connection ends with "
+        "502: an answer is never relayed to the wrong instance. Neutron's agent does not "
+        "echo, so it is never sent more than one request at a time",
+    )
 
     limits = parser.add_argument_group(
         "per-source limits (both engines)",
@@ -221,10 +233,12 @@ def spec_from_args(args: argparse.Namespace) -> FrontSpec:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.engine == "haproxy":
-        if args.workers not in (None, 1):
-            from metaproxy.errors import ConfigError
+        from metaproxy.errors import ConfigError
 
+        if args.workers not in (None, 1):
             raise ConfigError("--workers is for the builtin engine", key="workers")
+        if args.pipeline is not None:
+            raise ConfigError("--pipeline is for the builtin engine", key="pipeline")
         from metaproxy.haproxy import engine as haproxy_engine
 
         if args.destroy:

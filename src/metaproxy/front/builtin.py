@@ -47,6 +47,11 @@ access_log = logging.getLogger("metaproxy.access")
 # Requests buffered ahead of the one being answered (pipelining) before we stop reading.
 _PIPELINE_BUFFER = 256 * 1024
 _LOG_PATH_MAX = 512
+PIPELINE = 8
+# Screened heads a front keeps (`_Front.remember`), and the longest head kept.
+_SCREENED_MAX = 64
+_SCREENED_HEAD = 1024
+MAX_PIPELINE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +64,14 @@ class EngineOptions:
     freebind: bool = False
     # On remove/close, requests in flight get this long to finish (then connections are cut).
     drain_timeout: float = 3.0
+    # GETs in flight at once on one agent connection, once it has echoed a request's sequence
+    # number (metaproxy's agent does, Neutron's does not: see metaproxy.http.client). 1: never.
+    pipeline: int = PIPELINE
 
     def __post_init__(self) -> None:
         SourceLimits(self.max_conn_per_source, self.rate_limit)  # the limits' own checks
+        if not 1 <= self.pipeline <= MAX_PIPELINE:
+            raise ConfigError(f"pipeline must be in [1, {MAX_PIPELINE}]", key="pipeline")
 
 
 @dataclass(slots=True)
@@ -96,11 +106,30 @@ class _Front:
         self.identity = spec.identity.as_headers()
         self.label = f"{spec.identity.kind}={spec.identity.id}"
         self.stats = FrontStats()
+        # Raw head → what the policy made of it (`remember`).
+        self.screened: dict[bytes, tuple[UpstreamRequest, bytes]] = {}
         self.per_source: dict[str, int] = {}
         self.connections: set[_Connection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
         self.drained = asyncio.Event()
+
+    def remember(self, raw: bytes, request: UpstreamRequest, fields: bytes) -> None:
+        """Keep an accepted head's screening for the next identical head.
+
+        `policy.screen` is a pure function of the head's bytes and this front's body cap, so a
+        head seen before gets the same request without being parsed again: the instances of one
+        network send the same few heads over and over (cloud-init's). Per front, so that no
+        network can learn from timing what another network's instances asked for; bounded,
+        and only short heads, so that a guest sending ever new heads costs a little CPU, not
+        memory. Refusals are never kept: they are rare, and each is logged.
+        """
+        if len(raw) > _SCREENED_HEAD:
+            return
+        screened = self.screened
+        if len(screened) >= _SCREENED_MAX:
+            screened.clear()
+        screened[raw] = (request, fields)
 
     def count(self, status: int) -> None:
         stats = self.stats
@@ -135,7 +164,8 @@ class _Connection(asyncio.Protocol):
         self.request: UpstreamRequest | None = None
         self.started = 0.0
         self.pending: UpstreamRequest | None = None  # its head is read, its body is not
-        self.tail = b""  # the identity fields, X-Forwarded-For and the blank line
+        self.pending_fields = b""  # its serialized fields
+        self.tail = b""  # the identity fields and X-Forwarded-For, serialized
         self.writable = True
         self.reading = True
         self.counted = False
@@ -233,7 +263,7 @@ class _Connection(asyncio.Protocol):
             self.pending = None
             body = bytes(buf[:length])
             del buf[:length]
-            self._dispatch(request, body)
+            self._dispatch(request, self.pending_fields, body)
             return
         while buf.startswith(b"\r\n"):
             # RFC 9112 §2.2: ignore empty lines before a request line.
@@ -254,25 +284,33 @@ class _Connection(asyncio.Protocol):
     def _take(self, raw: bytes) -> None:
         """One whole head, out of the buffer: refuse it, wait for its body, or dispatch it."""
         self.scanned = 0
-        parsed = wire.parse_head(raw)
-        if isinstance(parsed, Refusal):
-            self._refuse(parsed, *wire.peek_request_line(raw))
-            return
-        method, target, version, headers = parsed
         front = self.front
-        # `policy.decide` minus the identity fields, which `tail` carries as bytes.
-        request = policy.screen(method, target, version, headers, max_body=front.spec.max_body)
-        if isinstance(request, Refusal):
-            self._refuse(request, method, target)
-            return
+        screened = front.screened.get(raw)
+        if screened is not None:
+            request, fields = screened
+        else:
+            parsed = wire.parse_head(raw)
+            if isinstance(parsed, Refusal):
+                self._refuse(parsed, *wire.peek_request_line(raw))
+                return
+            method, target, version, headers = parsed
+            # `policy.decide` minus the identity fields, which `tail` carries as bytes.
+            checked = policy.screen(method, target, version, headers, max_body=front.spec.max_body)
+            if isinstance(checked, Refusal):
+                self._refuse(checked, method, target)
+                return
+            request = checked
+            fields = wire.serialize_screened(request)
+            front.remember(raw, request, fields)
         if self.limited and not front.limiter.allow(self.peer):
-            self._refuse(Refusal(429, "rate limit exceeded"), method, target)
+            self._refuse(Refusal(429, "rate limit exceeded"), request.method, request.target)
             return
         length = request.content_length
         if length:
             buf = self.buf
             if len(buf) < length:
                 self.pending = request
+                self.pending_fields = fields
                 self.phase = "body"
                 self._arm(front.spec.timeouts.client)
                 if request.expect_continue and not buf:
@@ -282,9 +320,9 @@ class _Connection(asyncio.Protocol):
             del buf[:length]
         else:
             body = b""
-        self._dispatch(request, body)
+        self._dispatch(request, fields, body)
 
-    def _dispatch(self, request: UpstreamRequest, body: bytes) -> None:
+    def _dispatch(self, request: UpstreamRequest, fields: bytes, body: bytes) -> None:
         # The deadline stays: `_expire` ignores a busy connection (the upstream has its own).
         self.phase = "busy"
         self.request = request
@@ -294,8 +332,13 @@ class _Connection(asyncio.Protocol):
             if self.front.options.access_log and access_log.isEnabledFor(logging.INFO)
             else 0.0
         )
+        method = request.method
         self.front.pool.submit(
-            wire.serialize_screened(request, self.tail, body), self, head=request.method == b"HEAD"
+            fields + self.tail,
+            body,
+            self,
+            head=method == b"HEAD",
+            pipelined=method == b"GET" and not body,
         )
 
     # -- the pool's callbacks (http.client.Sink) ---------------------------------------------
@@ -544,6 +587,7 @@ class BuiltinFront:
                 key[0],
                 connect_timeout=key[1],
                 server_timeout=key[2],
+                depth=self.options.pipeline,
                 connector=self.connector,
                 ticker=self._ticker,
                 outbox=self._outbox,

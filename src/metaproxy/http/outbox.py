@@ -8,7 +8,8 @@ back after the round's callbacks (one `call_soon` per round that queued any, nev
 write): the readers are woken while they are still busy, and the front finishes its round.
 With one connection nothing is ever queued, so nothing waits.
 
-Order per transport is kept: a write goes out at once only when nothing is queued. Whoever
+Order per transport is kept: a write goes out at once only when nothing is queued, and what a
+round queued for one transport (pipelined requests to the agent) goes out as one write. Whoever
 closes a transport, or must know its bytes are out, calls `flush()` first; queued bytes for a
 transport that closed meanwhile are dropped, as its own buffer would be.
 """
@@ -46,9 +47,17 @@ class Outbox:
             pending.clear()
             return
         self._pending = []
+        joined: dict[asyncio.WriteTransport, list[bytes]] = {}
         for transport, data in pending:
-            if data and not transport.is_closing():
-                transport.write(data)
+            if data:
+                parts = joined.get(transport)
+                if parts is None:
+                    joined[transport] = [data]
+                else:
+                    parts.append(data)
+        for transport, parts in joined.items():
+            if not transport.is_closing():
+                transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _end_of_round(self) -> None:
         self._scheduled = False

@@ -91,20 +91,22 @@ def serialize_request(request: policy.UpstreamRequest, body: bytes = b"") -> byt
 
 
 def identity_tail(identity: list[tuple[bytes, bytes]], peer: bytes) -> bytes:
-    """What `policy.decide` appends to every request (identity, X-Forwarded-For), serialized,
-    with the blank line that ends the head: computed once per client connection."""
+    """The fields `policy.decide` appends to every request (identity, X-Forwarded-For),
+    serialized: computed once per client connection."""
     fields = [*identity, (b"X-Forwarded-For", peer)]
-    return b"".join(name + b": " + value + b"\r\n" for name, value in fields) + b"\r\n"
+    return b"".join(name + b": " + value + b"\r\n" for name, value in fields)
 
 
-def serialize_screened(request: policy.UpstreamRequest, tail: bytes, body: bytes = b"") -> bytes:
-    """For a `policy.screen` result: the same bytes as `serialize_request` of `decide`'s."""
+def serialize_screened(request: policy.UpstreamRequest) -> bytes:
+    """For a `policy.screen` result: the request line and the client fields it kept.
+
+    The request `decide` would build is this, then `identity_tail`, then the blank line and the
+    body: the same bytes as `serialize_request`. (The agent client puts its sequence field
+    before the blank line.)
+    """
     parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
     for name, value in request.headers:
         parts += (name, b": ", value, b"\r\n")
-    parts.append(tail)
-    if body:
-        parts.append(body)
     return b"".join(parts)
 
 
@@ -155,9 +157,11 @@ def error_response(status: int, *, close: bool = True, head_only: bool = False) 
     return data
 
 
-# Response fields the front sets itself or that are hop-by-hop (RFC 9110 §7.6.1).
+# Response fields the front sets itself or that are hop-by-hop (RFC 9110 §7.6.1), and the
+# agent's echo of the request's sequence number (`metaproxy.http.client`).
 _HOP_BY_HOP = frozenset(
     {
+        b"x-metaproxy-seq",
         b"connection",
         b"keep-alive",
         b"proxy-connection",

@@ -79,7 +79,9 @@ def create(
 
     limits = cfg.limits
     options = EngineOptions(
-        max_conn_per_source=limits.max_conn_per_source, rate_limit=limits.rate_limit
+        max_conn_per_source=limits.max_conn_per_source,
+        rate_limit=limits.rate_limit,
+        pipeline=cfg.front.pipeline,
     )
     if cfg.front.isolate and zygote is not None and accept is not None:
         from metaproxy.service.frontworkers import WorkerEngine, worker_user

@@ -169,6 +169,9 @@ class FrontDefaults:
     # builtin engine: serve the fronts from an unprivileged worker process without secrets
     # (service/frontworkers.py); false keeps them in the service's own process.
     isolate: bool = True
+    # builtin engine: GETs in flight at once on one agent connection that echoes sequence
+    # numbers (metaproxy.http.client); 1 never pipelines.
+    pipeline: int = 8
     # Namespace names for fronts that do not name one (e.g. networks from the store): Neutron's
     # DHCP/L3 agents use these; OVN's metadata agent uses "ovnmeta-{id}".
     network_netns: str = "qdhcp-{id}"
@@ -356,11 +359,14 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
         maxconn=_take(table, "front", "maxconn", int, 1024),
         max_conn_per_source=_take(table, "front", "max_conn_per_source", int, MAX_CONN_PER_SOURCE),
         isolate=_take(table, "front", "isolate", bool, True),
+        pipeline=_take(table, "front", "pipeline", int, 8),
     )
     try:
         SourceLimits(defaults.max_conn_per_source)
     except ConfigError as exc:
         raise ConfigError(f"front.{exc}", key="front.max_conn_per_source") from None
+    if not 1 <= defaults.pipeline <= 64:
+        raise ConfigError("front.pipeline must be in [1, 64]", key="front.pipeline")
     _reject_unknown(table, "front")
     return defaults
 
@@ -495,6 +501,7 @@ def describe(cfg: Config) -> dict[str, Any]:
         "maxconn": cfg.front.maxconn,
         "max_conn_per_source": cfg.front.max_conn_per_source,
         "isolate": cfg.front.isolate,
+        "pipeline": cfg.front.pipeline,
         "network_netns": cfg.front.network_netns,
         "router_netns": cfg.front.router_netns,
         **{f"timeout_{f.name}": getattr(cfg.front.timeouts, f.name) for f in fields(Timeouts)},
