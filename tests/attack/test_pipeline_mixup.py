@@ -27,7 +27,7 @@ from metaproxy.http.client import UpstreamPool
 from support.rawhttp import body_of, free_port, read_response, status_of
 
 _SEQ = re.compile(rb"\r\nX-Metaproxy-Seq: ([0-9]+)\r\n", re.IGNORECASE)
-_TARGET = re.compile(rb"^[A-Z]+ (\S+) HTTP/1\.1\r\n")
+_TARGET = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.1\r\n")
 
 HONEST = ("echo", "noecho", "close-midway")
 LYING = ("reorder", "wrong-number", "stops-echoing", "interim", "unasked", "garbage-midway")
@@ -42,8 +42,9 @@ class ScriptedAgent:
     most_in_flight: int = 0  # requests one connection carried at once
     answered: int = 0
     closed_midway: bool = False
+    heads_shared: int = 0  # batches in which a HEAD was not alone
+    heads: set[bytes] = field(default_factory=set)  # targets requested with HEAD
     _server: asyncio.AbstractServer | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, str(self.path))
@@ -60,7 +61,8 @@ class ScriptedAgent:
             fields.append(b"X-Metaproxy-Seq: " + seq)
         if close:
             fields.append(b"Connection: close")
-        return b"\r\n".join(fields) + b"\r\n\r\n" + body
+        head = b"\r\n".join(fields) + b"\r\n\r\n"
+        return head if target in self.heads else head + body
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = b""
@@ -71,12 +73,16 @@ class ScriptedAgent:
                 batch = []
                 while (end := buf.find(b"\r\n\r\n")) >= 0:
                     head, buf = buf[: end + 4], buf[end + 4 :]
-                    target = _TARGET.match(head)
+                    line = _TARGET.match(head)
                     seq = _SEQ.search(head)
-                    assert target is not None
-                    batch.append((target.group(1), seq.group(1) if seq else None))
+                    assert line is not None
+                    if line.group(1) == b"HEAD":
+                        self.heads.add(line.group(2))
+                    batch.append((line.group(2), seq.group(1) if seq else None))
                 if not batch:
                     continue
+                if len(batch) > 1 and any(target in self.heads for target, _ in batch):
+                    self.heads_shared += 1
                 self.most_in_flight = max(self.most_in_flight, len(batch))
                 await asyncio.sleep(0.01)  # let more requests queue up behind these
                 out, close = self._script(batch, done)
@@ -138,6 +144,7 @@ def judge(agent: ScriptedAgent, outcomes: dict[bytes, bytes | int]) -> None:
     else:
         # The lie was told and caught (not merely never reached).
         assert failed, "the scripted agent never got to lie"
+    assert agent.heads_shared == 0, "a HEAD shared a connection with other requests"
     if agent.mode == "close-midway":
         assert agent.closed_midway, "the connection was never closed in the middle of a batch"
     if agent.mode == "noecho":
@@ -151,11 +158,15 @@ async def test_pool_never_hands_an_answer_to_the_wrong_request(agent: ScriptedAg
     outcomes: dict[bytes, bytes | int] = {}
 
     async def get(target: bytes) -> None:
+        # Every tenth a HEAD, which must go alone on a connection (its answer has no body).
+        head = target.endswith(b"0")
         try:
             response = await pool.request(
-                b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target, pipelined=True
+                b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (b"HEAD" if head else b"GET", target),
+                head=head,
+                pipelined=not head,
             )
-            outcomes[target] = response.body
+            outcomes[target] = b"answer for " + target if head else response.body
         except UpstreamError as exc:
             outcomes[target] = exc.status_hint
 
@@ -207,3 +218,28 @@ async def test_front_never_relays_an_answer_to_the_wrong_instance(
         await engine.close()
     assert len(outcomes) == 24 * 6
     judge(agent, outcomes)
+
+
+async def test_a_head_never_joins_a_connection_with_gets_in_flight(short_tmp: Path) -> None:
+    """The connection GETs were last pipelined on goes idle; the next round's GET takes it
+    again, and a HEAD submitted right after must not be put on it too (a HEAD's answer ends at
+    its head, so the answers behind it could not be read)."""
+    agent = ScriptedAgent("echo", short_tmp / "agent.sock")
+    await agent.start()
+    pool = UpstreamPool(str(agent.path), depth=4, server_timeout=5)
+    try:
+        async with asyncio.timeout(20):
+            for warm in (b"/a", b"/a2"):  # opens the connection, then pipelines on it
+                first = await pool.request(
+                    b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % warm, pipelined=True
+                )
+                assert first.body == b"answer for " + warm
+            get, head = await asyncio.gather(
+                pool.request(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", pipelined=True),
+                pool.request(b"HEAD /c HTTP/1.1\r\nHost: x\r\n\r\n", head=True),
+            )
+    finally:
+        await pool.close()
+        await agent.stop()
+    assert (get.body, head.status) == (b"answer for /b", 200)
+    assert agent.heads_shared == 0

@@ -603,6 +603,9 @@ class UpstreamPool:
         """`conn` answered everything in flight: keep it for the next request (or close it)."""
         self._busy.discard(conn)
         conn.exclusive = False
+        if self._current is conn:
+            # An idle connection is taken from `_idle` only: never from two places at once.
+            self._current = None
         if len(self._idle) < MAX_IDLE:
             self._idle.append(conn)
         else:
