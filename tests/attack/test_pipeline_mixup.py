@@ -1,8 +1,9 @@
-"""A lying agent behind a pipelining front: no instance may ever get another's answer.
+"""A lying upstream behind a pipelining client: no instance may ever get another's answer.
 
-The builtin front pipelines GETs of different instances on one agent connection, and an answer
-is matched to its request by position. Every request carries `X-Metaproxy-Seq`, which
-metaproxy's agent echoes; here a scripted agent breaks that contract every way it can (answers
+The builtin front pipelines GETs of different instances on one agent connection, and the agent
+pipelines them to the embedded metadata server; an answer is matched to its request by
+position. Every request carries `X-Metaproxy-Seq`, which metaproxy's agent and metadata server
+echo; here a scripted upstream breaks that contract every way it can (answers
 out of order, wrong or missing numbers, interim answers, answers nobody asked for, a close in
 the middle of a batch), and every request's path is unique, so a mixed-up answer shows as a
 body that names another path. The rule under attack: each answer is its own request's, or it
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from metaproxy.agent.client import HttpPool
 from metaproxy.config import FrontSpec, Identity
 from metaproxy.errors import UpstreamError
 from metaproxy.front.builtin import BuiltinFront, EngineOptions
@@ -153,20 +155,51 @@ def judge(agent: ScriptedAgent, outcomes: dict[bytes, bytes | int]) -> None:
         assert agent.most_in_flight > 1, "nothing was pipelined"
 
 
-async def test_pool_never_hands_an_answer_to_the_wrong_request(agent: ScriptedAgent) -> None:
-    pool = UpstreamPool(str(agent.path), depth=8, server_timeout=5)
+class FrontPool:
+    """The builtin front's agent client."""
+
+    def __init__(self, path: Path) -> None:
+        self.pool = UpstreamPool(str(path), depth=8, server_timeout=5)
+
+    async def fetch(self, raw: bytes, head: bool) -> bytes:
+        response = await self.pool.request(raw, head=head, pipelined=not head)
+        return response.body
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class AgentPool:
+    """The agent's metadata-server client."""
+
+    def __init__(self, path: Path) -> None:
+        self.pool = HttpPool.unix(str(path), limit=64, connect_timeout=5, depth=8)
+
+    async def fetch(self, raw: bytes, head: bool) -> bytes:
+        method = "HEAD" if head else "GET"
+        answer = await self.pool.request(raw, head=head, timeout=5, method=method)
+        if answer.status != 200:
+            raise UpstreamError(f"status {answer.status}", status_hint=answer.status)
+        return answer.body
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+@pytest.mark.parametrize("client", [FrontPool, AgentPool], ids=["front-pool", "agent-pool"])
+async def test_pool_never_hands_an_answer_to_the_wrong_request(
+    agent: ScriptedAgent, client: type[FrontPool | AgentPool]
+) -> None:
+    pool = client(agent.path)
     outcomes: dict[bytes, bytes | int] = {}
 
     async def get(target: bytes) -> None:
         # Every tenth a HEAD, which must go alone on a connection (its answer has no body).
         head = target.endswith(b"0")
+        raw = b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (b"HEAD" if head else b"GET", target)
         try:
-            response = await pool.request(
-                b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (b"HEAD" if head else b"GET", target),
-                head=head,
-                pipelined=not head,
-            )
-            outcomes[target] = b"answer for " + target if head else response.body
+            body = await pool.fetch(raw, head)
+            outcomes[target] = b"answer for " + target if head else body
         except UpstreamError as exc:
             outcomes[target] = exc.status_hint
 

@@ -46,7 +46,8 @@ def directory() -> MemoryDirectory:
 
 @dataclass
 class Upstream1:
-    """A Unix-socket server that sees raw reads: answers each request with its own target."""
+    """A Unix-socket server that sees raw reads: answers each request with its own target,
+    echoing its X-Metaproxy-Seq as the embedded metadata server does."""
 
     path: Path
     reads: list[list[bytes]] = field(default_factory=list)  # per connection: request lines
@@ -66,9 +67,12 @@ class Upstream1:
                     break
                 buffer += data
                 lines = []
+                seqs = []
                 while b"\r\n\r\n" in buffer:
                     head, buffer = buffer.split(b"\r\n\r\n", 1)
                     line = head.split(b"\r\n", 1)[0]
+                    seq = [f for f in head.split(b"\r\n") if f.startswith(b"X-Metaproxy-Seq: ")]
+                    seqs.append(seq[0][17:] if seq else None)
                     if line.startswith((b"POST", b"PUT")):
                         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                         buffer = buffer[length:]
@@ -77,12 +81,13 @@ class Upstream1:
                 if self.silent:
                     continue
                 await asyncio.sleep(self.delay)
-                for line in lines:
+                for line, seq in zip(lines, seqs, strict=True):
                     target = line.split(b" ")[1]
                     answered += 1
                     last = self.close_after and answered >= self.close_after
                     writer.write(
                         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                        + (b"X-Metaproxy-Seq: %s\r\n" % seq if seq else b"")
                         + (b"Connection: close\r\n" if last else b"")
                         + b"Content-Length: %d\r\n\r\n" % len(target)
                         + target
@@ -120,10 +125,13 @@ async def test_pipelined_gets_are_answered_each_with_its_own_answer(
     config = make_config(short_tmp, f"unix:{upstream.path}", pipeline=8)
     targets = [f"/latest/meta-data/n{i}" for i in range(24)]
     async with AgentServer(config, directory) as agent, asyncio.timeout(20):
+        # The first answer shows the server echoes sequence numbers; then requests share.
+        assert await _get_all(agent, ["/first"]) == [(200, b"/first")]
         answers = await _get_all(agent, targets)
     assert answers == [(200, t.encode()) for t in targets]
     # Fewer connections than requests: they queued behind each other (at most 8 per connection).
-    assert upstream.connections < len(targets)
+    assert upstream.connections <= 1 + len(targets) // 8
+    assert max(len(lines) for lines in upstream.reads) > 1
 
 
 async def test_a_close_in_the_middle_of_a_pipeline_sends_the_rest_again(

@@ -91,6 +91,36 @@ async def test_keep_alive_pipelining_and_head(tcp_server: MetadataServer) -> Non
     await _close(writer)
 
 
+async def test_each_answer_echoes_its_requests_sequence_number(
+    tcp_server: MetadataServer,
+) -> None:
+    """What lets the agent pipeline to this server and check every answer is its own."""
+    reader, writer = await _connect(tcp_server)
+    data = (
+        _request("GET", "/latest/meta-data/instance-id", extra=b"X-Metaproxy-Seq: 41\r\n")
+        + _request("HEAD", "/latest/meta-data/instance-id", extra=b"x-metaproxy-seq: 42\r\n")
+        + _request("GET", "/latest/meta-data/hostname")
+        + _request("GET", "/latest/meta-data/instance-id", extra=b"X-Metaproxy-Seq: 43\r\n")
+    )
+    answers = await _exchange(reader, writer, data, "GET HEAD GET GET")
+    assert [a[1].get(b"x-metaproxy-seq") for a in answers] == [b"41", b"42", None, b"43"]
+    assert [a[2] for a in answers] == [VM1.encode(), b"", b"web-1", VM1.encode()]
+    await _close(writer)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"X-Metaproxy-Seq: 1\r\nX-Metaproxy-Seq: 2\r\n", b"X-Metaproxy-Seq: 1x\r\n"],
+    ids=["twice", "not-digits"],
+)
+async def test_a_bad_sequence_number_is_400(tcp_server: MetadataServer, field: bytes) -> None:
+    reader, writer = await _connect(tcp_server)
+    writer.write(_request("GET", "/latest/meta-data/instance-id", extra=field))
+    raw = await asyncio.wait_for(reader.read(), 10)
+    assert raw.startswith(b"HTTP/1.1 400 ") and b"seq" not in raw.lower()
+    await _close(writer)
+
+
 async def test_head_sends_no_body(tcp_server: MetadataServer) -> None:
     reader, writer = await _connect(tcp_server)
     writer.write(_request("HEAD", "/latest/meta-data/instance-id", extra=b"Connection: close\r\n"))

@@ -20,6 +20,16 @@ answers pipelined requests in order (HTTP/1.1 requires it; the embedded metadata
 then reads and answers a batch per wake-up instead of one request each, which is most of what a
 request costs across two processes. Requests with a body or side effects (POST, PUT) and HEAD
 are never pipelined: they go alone on a connection with nothing else in flight.
+
+An answer matched to the wrong request would serve one instance another's metadata, so order
+alone is not trusted: when pipelining, every request carries `X-Metaproxy-Seq: N` (unique in
+the pool), and requests share a connection only once an answer from the server echoed its
+request's number, as the embedded metadata server does (a connection that echoed, or any
+connection while the server's last answer echoed). On a connection carrying more than one
+request, every answer must echo the number of the request it answers; otherwise (a wrong or
+missing number, more answers than requests) the connection ends, the request being answered
+gets 502 and the rest go again elsewhere. A server that never echoes (Nova) is sent one request
+at a time whatever `depth` says.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER = 32 * 1024 * 1024
 MAX_IDLE = 256
+# The request field numbering a pipelined request, which the answer must echo (module doc).
+SEQ_FIELD = b"X-Metaproxy-Seq"
+_SEQ_NAME = SEQ_FIELD.lower()
+_HEAD_END = b"\r\n\r\n"
 # The expiry timer's period: a slow answer is noticed at most this late (and at most a tenth of
 # the timeout late, for short timeouts).
 SWEEP = 0.5
@@ -68,7 +82,7 @@ Done = Callable[[Answer | None, UpstreamError | None], None]
 class _Exchange:
     """One request: its bytes, its deadline, whom to tell; on a connection or waiting for one."""
 
-    __slots__ = ("data", "deadline", "done", "finished", "head", "pipelined", "retried")
+    __slots__ = ("data", "deadline", "done", "finished", "head", "pipelined", "retried", "seq")
 
     def __init__(self, data: bytes, head: bool, pipelined: bool, deadline: float, done: Done):
         self.data = data
@@ -78,6 +92,7 @@ class _Exchange:
         self.done = done
         self.retried = False
         self.finished = False
+        self.seq = b""  # the number the answer must echo (pipelining pools only)
 
     def finish(self, answer: Answer | None, error: UpstreamError | None) -> None:
         if not self.finished:
@@ -102,6 +117,7 @@ class _Conn(asyncio.Protocol):
         self.used = 0  # answers completed on this connection
         self.exclusive = False  # carrying a request that must be alone (POST, PUT, HEAD)
         self.announced = False  # the server ended an answer with Connection: close
+        self.echoes = False  # an answer echoed its request's number: may carry several
         self._reset()
 
     def _reset(self) -> None:
@@ -111,19 +127,40 @@ class _Conn(asyncio.Protocol):
         self.received = False  # any byte of the current (first queued) answer
         self.framed = False
         self.keep_alive = True
+        self.echo: bytes | None = None
 
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if not self.queue:
+            raise UpstreamError("an answer nobody asked for")
         self.received = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) == 15 and name.lower() == _SEQ_NAME:
+            if self.echo is not None:
+                raise UpstreamError("answer with two sequence numbers")
+            self.echo = value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
             raise UpstreamError(f"interim status {status} is not supported")
+        if not self.queue:
+            raise UpstreamError("an answer nobody asked for")
+        exchange = self.queue[0]
+        echo = self.echo
+        if echo is not None and exchange.seq:
+            if echo != exchange.seq:
+                raise UpstreamError(
+                    f"answer out of order: sequence {echo[:20]!r} for {exchange.seq.decode()}"
+                )
+            self.echoes = self.pool._echoing = True
+        elif exchange.seq:
+            self.pool._echoing = False
+            if self.echoes or len(self.queue) > 1:
+                raise UpstreamError("answer without its sequence number")
         for key, _ in self.headers:
             lower = key.lower()
             if lower == b"content-length" or lower == b"transfer-encoding":
@@ -205,7 +242,12 @@ class _Conn(asyncio.Protocol):
             self.exclusive = True
         if not self.out:
             self.pool._call_soon(self.flush)
-        self.out.append(exchange.data)
+        data = exchange.data
+        if self.pool._depth > 1:
+            seq = exchange.seq = self.pool._number()
+            cut = data.find(_HEAD_END) + 2
+            data = b"%s%s: %s\r\n%s" % (data[:cut], SEQ_FIELD, seq, data[cut:])
+        self.out.append(data)
 
     def flush(self) -> None:
         out, self.out = self.out, []
@@ -227,8 +269,8 @@ class _Conn(asyncio.Protocol):
         self.pool._lost(self, queued, error)
 
     def shareable(self) -> bool:
-        """May a pipelined GET queue here now?"""
-        return not self.closed and not self.exclusive and self.transport is not None
+        """May a pipelined GET queue here now (behind what is in flight)?"""
+        return self.echoes and not self.closed and not self.exclusive and self.transport is not None
 
     def close(self) -> None:
         self.closed = True
@@ -259,6 +301,12 @@ class HttpPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = SWEEP
         self._closing = False
+        self._seq = 0
+        self._echoing = False  # the server's last answer to a numbered request echoed it
+
+    def _number(self) -> bytes:
+        self._seq += 1
+        return b"%d" % self._seq
 
     @classmethod
     def unix(cls, path: str, *, limit: int, connect_timeout: float, depth: int = 1) -> HttpPool:
@@ -350,7 +398,7 @@ class HttpPool:
             self._busy.add(conn)
             conn.send(exchange)
             return
-        if exchange.pipelined:
+        if exchange.pipelined and self._echoing:
             for batch in self._opening:  # a connection on its way: queue there
                 if len(batch) < self._depth and batch[0].pipelined:
                     batch.append(exchange)
@@ -394,7 +442,8 @@ class HttpPool:
         return None
 
     async def _connect(self, batch: list[_Exchange]) -> None:
-        """Open a connection for `batch` (which may grow meanwhile), then send it all."""
+        """Open a connection for `batch` (which may grow meanwhile while the server echoes),
+        then send it all."""
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await self._connect_fn(lambda: _Conn(self))
@@ -434,7 +483,7 @@ class HttpPool:
         conn.exclusive = False
         while self._waiting and len(conn.queue) < self._depth:
             exchange = self._waiting[0]
-            if conn.queue and (conn.exclusive or not exchange.pipelined):
+            if conn.queue and not (conn.shareable() and exchange.pipelined):
                 break
             self._waiting.popleft()
             if not exchange.finished:

@@ -353,7 +353,9 @@ class _Reject(Exception):
 class _HttpProtocol(asyncio.Protocol):
     """One connection: httptools parses, MetadataApp answers, in order (pipelining is safe).
 
-    The answers to every request one read holds go out in one write.
+    The answers to every request one read holds go out in one write. A request's
+    `X-Metaproxy-Seq` is echoed in its answer: the agent pipelines only to a server that does,
+    and checks every answer's number (metaproxy.agent.client).
     """
 
     def __init__(self, app: MetadataApp, connections: set[_HttpProtocol]) -> None:
@@ -370,6 +372,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
+        self._seq = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -440,6 +443,7 @@ class _HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._header_bytes = b"", [], 0
         self._body, self._body_bytes = [], 0
+        self._seq = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -451,6 +455,10 @@ class _HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             raise _Reject(431)
+        if len(name) == 15 and name.lower() == _SEQ_NAME:
+            if self._seq or not value.isdigit() or len(value) > _MAX_SEQ:
+                raise _Reject(400)
+            self._seq = value
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -462,19 +470,32 @@ class _HttpProtocol(asyncio.Protocol):
         method = self._parser.get_method().decode("ascii", "replace")
         keep_alive = self._parser.should_keep_alive()
         body = b"".join(self._body) if self._body else b""
+        seq = self._seq
         try:
             if keep_alive and method != "HEAD":
-                self._out.append(self._app.handle_bytes(method, self._url, self._headers, body))
+                whole = self._app.handle_bytes(method, self._url, self._headers, body)
+                self._out.append(_numbered(whole, seq) if seq else whole)
                 return
             answer = self._app.handle(method, self._url, self._headers, body)
         except Exception:
             log.exception("metadata request %s %r failed", method, self._url[:200])
             answer = reply.error(500)
-        self._out.append(reply.head(answer, len(answer.body), close=not keep_alive))
+        head = reply.head(answer, len(answer.body), close=not keep_alive)
+        self._out.append(_numbered(head, seq) if seq else head)
         if method != "HEAD":
             self._out.append(answer.body)
         if not keep_alive:
             self._flush(close=True)
+
+
+_SEQ_NAME = b"x-metaproxy-seq"
+_MAX_SEQ = 20  # digits
+
+
+def _numbered(answer: bytes, seq: bytes) -> bytes:
+    """`answer` with `X-Metaproxy-Seq: seq` right after its status line."""
+    cut = answer.index(b"\r\n") + 2
+    return b"%sX-Metaproxy-Seq: %s\r\n%s" % (answer[:cut], seq, answer[cut:])
 
 
 class MetadataServer:
