@@ -44,15 +44,13 @@ from typing import cast
 import httptools
 
 from metaproxy.errors import UpstreamError
+from metaproxy.http import sequence
 
 log = logging.getLogger(__name__)
 
 MAX_ANSWER = 32 * 1024 * 1024
 MAX_IDLE = 256
-# The request field numbering a pipelined request, which the answer must echo (module doc).
-SEQ_FIELD = b"X-Metaproxy-Seq"
-_SEQ_NAME = SEQ_FIELD.lower()
-_HEAD_END = b"\r\n\r\n"
+
 # The expiry timer's period: a slow answer is noticed at most this late (and at most a tenth of
 # the timeout late, for short timeouts).
 SWEEP = 0.5
@@ -138,7 +136,7 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if len(name) == 15 and name.lower() == _SEQ_NAME:
+        if sequence.is_field(name):
             if self.echo is not None:
                 raise UpstreamError("answer with two sequence numbers")
             self.echo = value
@@ -150,17 +148,15 @@ class _Conn(asyncio.Protocol):
         if not self.queue:
             raise UpstreamError("an answer nobody asked for")
         exchange = self.queue[0]
-        echo = self.echo
-        if echo is not None and exchange.seq:
-            if echo != exchange.seq:
-                raise UpstreamError(
-                    f"answer out of order: sequence {echo[:20]!r} for {exchange.seq.decode()}"
-                )
-            self.echoes = self.pool._echoing = True
-        elif exchange.seq:
-            self.pool._echoing = False
-            if self.echoes or len(self.queue) > 1:
-                raise UpstreamError("answer without its sequence number")
+        if exchange.seq:
+            wrong = sequence.mismatch(
+                self.echo, exchange.seq, shared=self.echoes or len(self.queue) > 1
+            )
+            if wrong is not None:
+                raise UpstreamError(wrong)
+            echoed = self.echo is not None
+            self.echoes = self.echoes or echoed
+            self.pool._echoing = echoed
         for key, _ in self.headers:
             lower = key.lower()
             if lower == b"content-length" or lower == b"transfer-encoding":
@@ -244,9 +240,8 @@ class _Conn(asyncio.Protocol):
             self.pool._call_soon(self.flush)
         data = exchange.data
         if self.pool._depth > 1:
-            seq = exchange.seq = self.pool._number()
-            cut = data.find(_HEAD_END) + 2
-            data = b"%s%s: %s\r\n%s" % (data[:cut], SEQ_FIELD, seq, data[cut:])
+            exchange.seq = self.pool._number()
+            data = sequence.numbered(data, exchange.seq)
         self.out.append(data)
 
     def flush(self) -> None:
@@ -270,7 +265,12 @@ class _Conn(asyncio.Protocol):
 
     def shareable(self) -> bool:
         """May a pipelined GET queue here now (behind what is in flight)?"""
-        return self.echoes and not self.closed and not self.exclusive and self.transport is not None
+        return (
+            (self.echoes or (self.pool._echoing and not self.used))
+            and not self.closed
+            and not self.exclusive
+            and self.transport is not None
+        )
 
     def close(self) -> None:
         self.closed = True

@@ -24,6 +24,7 @@ import httptools
 
 from metaproxy.agent.identity import FORWARDED_FOR, NETWORK_HEADER, ROUTER_HEADER
 from metaproxy.agent.upstream import FORWARDED_HEADERS, Reply, generic_body
+from metaproxy.http import sequence
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,8 @@ _FIELDS = {
     **dict.fromkeys(RELAYED_FIELDS, _RELAYED),
     b"content-length": _LENGTH,
     b"expect": _EXPECT,
-    b"x-metaproxy-seq": _SEQ,
+    sequence.NAME: _SEQ,
 }
-SEQ_FIELD = b"X-Metaproxy-Seq"
-_MAX_SEQ = 20  # digits
 # Requests of one connection that may be worked on at once (no side effects to order).
 _CONCURRENT = frozenset({"GET", "HEAD"})
 
@@ -234,7 +233,7 @@ class AgentProtocol(asyncio.Protocol):
                 if value.isdigit() and int(value) > self._max_body:
                     raise _Refuse(413)
             elif kind == _SEQ:
-                if seq is not None or not value.isdigit() or len(value) > _MAX_SEQ:
+                if seq is not None or not sequence.valid(value):
                     raise _Refuse(400)
                 seq = value
             elif value.strip().lower() == b"100-continue":
@@ -327,7 +326,7 @@ class AgentProtocol(asyncio.Protocol):
         head_only = item.request is not None and item.request.method == "HEAD"
         head = _head(reply.status, reply.headers) + b"Content-Length: %d\r\n" % len(reply.body)
         if item.seq:
-            head += b"%s: %s\r\n" % (SEQ_FIELD, item.seq)
+            head += sequence.line(item.seq)
         if not item.keep_alive:
             head += b"Connection: close\r\n\r\n"
             transport.write(head if head_only else head + reply.body)

@@ -44,6 +44,7 @@ from typing import Protocol, cast
 import httptools
 
 from metaproxy.errors import UpstreamError
+from metaproxy.http import sequence
 from metaproxy.http.outbox import Outbox
 from metaproxy.http.ticker import Ticker
 
@@ -56,10 +57,6 @@ Connector = Callable[[], Awaitable[socket.socket]]
 # Idle connections kept per socket: a boot storm keeps hundreds of requests in flight, and
 # closing most of them after a burst makes the next burst reconnect through the agent's accept.
 MAX_IDLE = 1024
-# The request field that numbers a request on its connection, and the answer field that must
-# echo it (metaproxy's agent does; see the module doc). Never relayed to an instance.
-SEQ_FIELD = b"X-Metaproxy-Seq"
-SEQ_NAME = SEQ_FIELD.lower()
 _HEAD_END = b"\r\n\r\n"
 _NEVER = float("inf")
 
@@ -259,7 +256,7 @@ class _Connection(asyncio.Protocol):
         pool.seq += 1
         seq = exchange.seq = b"%d" % pool.seq
         pool.outbox.write(
-            transport, b"%s%s: %s\r\n\r\n%s" % (exchange.fields, SEQ_FIELD, seq, exchange.body)
+            transport, b"%s%s\r\n%s" % (exchange.fields, sequence.line(seq), exchange.body)
         )
 
     # -- httptools callbacks -----------------------------------------------------------------
@@ -272,7 +269,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if len(name) == 15 and name.lower() == SEQ_NAME:
+        if sequence.is_field(name):
             if self.echo is not None:
                 raise UpstreamError("answer with two sequence numbers", status_hint=502)
             self.echo = value
@@ -284,16 +281,13 @@ class _Connection(asyncio.Protocol):
             # We never send Expect or Upgrade: an interim answer is not one we asked for.
             raise UpstreamError(f"upstream sent interim status {status}", status_hint=502)
         exchange = self.queue[0]
-        echo = self.echo
-        if echo is not None:
-            if echo != exchange.seq:
-                raise UpstreamError(
-                    f"answer out of order: sequence {echo[:20]!r} for {exchange.seq.decode()}",
-                    status_hint=502,
-                )
+        wrong = sequence.mismatch(
+            self.echo, exchange.seq, shared=self.echoes or len(self.queue) > 1
+        )
+        if wrong is not None:
+            raise UpstreamError(wrong, status_hint=502)
+        if self.echo is not None:
             self.echoes = True
-        elif self.echoes or len(self.queue) > 1:
-            raise UpstreamError("answer without its sequence number", status_hint=502)
         # llhttp forgets keep-alive once the message completes: ask while it still knows. It
         # says no for a body that only the close can end (no Content-Length, not chunked).
         self.keep_alive = parser.should_keep_alive()

@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 import httptools
 
-from metaproxy.http import policy
+from metaproxy.http import policy, sequence
 from metaproxy.http.policy import Refusal
 
 HEAD_END = b"\r\n\r\n"
@@ -158,10 +158,10 @@ def error_response(status: int, *, close: bool = True, head_only: bool = False) 
 
 
 # Response fields the front sets itself or that are hop-by-hop (RFC 9110 §7.6.1), and the
-# agent's echo of the request's sequence number (`metaproxy.http.client`).
+# agent's echo of the request's sequence number (`http.sequence`).
 _HOP_BY_HOP = frozenset(
     {
-        b"x-metaproxy-seq",
+        sequence.NAME,
         b"connection",
         b"keep-alive",
         b"proxy-connection",

@@ -33,6 +33,7 @@ import httptools
 
 from metaproxy.config import Secret
 from metaproxy.errors import ClientProtocolError, ConfigError
+from metaproxy.http import sequence
 from metaproxy.metadata import ec2, openstack, reply, tokens
 from metaproxy.metadata.config import MetadataConfig, TokenMode
 from metaproxy.metadata.model import MAX_PASSWORD
@@ -455,8 +456,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             raise _Reject(431)
-        if len(name) == 15 and name.lower() == _SEQ_NAME:
-            if self._seq or not value.isdigit() or len(value) > _MAX_SEQ:
+        if sequence.is_field(name):
+            if self._seq or not sequence.valid(value):
                 raise _Reject(400)
             self._seq = value
 
@@ -474,28 +475,18 @@ class _HttpProtocol(asyncio.Protocol):
         try:
             if keep_alive and method != "HEAD":
                 whole = self._app.handle_bytes(method, self._url, self._headers, body)
-                self._out.append(_numbered(whole, seq) if seq else whole)
+                self._out.append(sequence.numbered(whole, seq) if seq else whole)
                 return
             answer = self._app.handle(method, self._url, self._headers, body)
         except Exception:
             log.exception("metadata request %s %r failed", method, self._url[:200])
             answer = reply.error(500)
         head = reply.head(answer, len(answer.body), close=not keep_alive)
-        self._out.append(_numbered(head, seq) if seq else head)
+        self._out.append(sequence.numbered(head, seq) if seq else head)
         if method != "HEAD":
             self._out.append(answer.body)
         if not keep_alive:
             self._flush(close=True)
-
-
-_SEQ_NAME = b"x-metaproxy-seq"
-_MAX_SEQ = 20  # digits
-
-
-def _numbered(answer: bytes, seq: bytes) -> bytes:
-    """`answer` with `X-Metaproxy-Seq: seq` right after its status line."""
-    cut = answer.index(b"\r\n") + 2
-    return b"%sX-Metaproxy-Seq: %s\r\n%s" % (answer[:cut], seq, answer[cut:])
 
 
 class MetadataServer:
