@@ -52,6 +52,8 @@ REFUSALS = [
     # framing fields
     pytest.param(head("Host: a", "Host: b"), 400, id="duplicate-host"),
     pytest.param(head("Host: a", "host: a"), 400, id="duplicate-host-case"),
+    pytest.param(head(), 400, id="http-1.1-without-host"),
+    pytest.param(head("X-A: b"), 400, id="http-1.1-without-host-with-fields"),
     pytest.param(head("Host: a b"), 400, id="host-with-space"),
     pytest.param(head("Host: a/b"), 400, id="host-with-slash"),
     pytest.param(

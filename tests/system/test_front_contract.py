@@ -231,6 +231,19 @@ def test_token_put_relayed_by_a_guest_proxy_is_403(front: Front, recorder: Recor
     assert recorder.requests == []
 
 
+@pytest.mark.parametrize(
+    ("version", "status"),
+    [pytest.param("1.1", 400, id="http-1.1-refused"), pytest.param("1.0", 200, id="http-1.0-ok")],
+)
+def test_host_is_required_in_http_1_1(
+    front: Front, recorder: Recorder, version: str, status: int
+) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400; HTTP/1.0 did not have it."""
+    raw = f"GET /latest/meta-data/ HTTP/{version}\r\nConnection: close\r\n\r\n".encode()
+    assert status_of(exchange(front.host, front.port, raw)) == status
+    assert len(recorder.requests) == (1 if status == 200 else 0)
+
+
 def test_query_string_is_kept(front: Front, recorder: Recorder) -> None:
     assert status_of(_get(front, "/latest/meta-data/?x=1")) == 200
     assert recorder.requests[0].target == "/latest/meta-data/?x=1"

@@ -71,6 +71,8 @@ def reference_decide(
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif name == b"expect":
             expect_continue = value.lower() == b"100-continue"
+    if version == b"1.1" and b"host" not in seen:
+        return Refusal(400, "HTTP/1.1 request without Host")
     if content_length > max_body:
         return Refusal(413, "body over the limit")
     if client_xff and method == b"PUT":

@@ -8,8 +8,8 @@ socket). What this one adds, in rule order (haproxy runs `http-request` rules to
 
 0. No h2c by prior knowledge, and at most `max_conn_per_source` concurrent connections per
    client address (an idle-connection flood from one guest must not take the others' slots).
-1. only GET/HEAD/POST/PUT (405); origin-form targets only (absolute-form, authority-form and
-   `*` → 400); a head over 8 KiB or with over 64 fields (431, as the builtin engine); Upgrade
+1. only GET/HEAD/POST/PUT (405); HTTP/1.0 or 1.1, and Host in 1.1 (400); origin-form targets
+   only (absolute-form, authority-form and `*` → 400); a head over 8 KiB or with over 64 fields (431, as the builtin engine); Upgrade
    refused (400, no tunnel to the agent); header names with an underscore refused (400:
    `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron LP #1865036);
    Content-Length over the body limit (413); chunked bodies refused (400: the agent needs a
@@ -176,6 +176,8 @@ def _frontend(spec: FrontSpec, limits: SourceLimits) -> list[str]:
         # haproxy's H1 parser takes `GET / HTTP/2.0` as a request; the builtin engine refuses it,
         # and so must this one (found by the attack suite's fuzzing).
         f"{deny} 400 unless {{ req.ver 1.0 1.1 }}",
+        # RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (haproxy relays it).
+        f"{deny} 400 if {{ req.ver 1.1 }} !{{ req.hdr(host) -m found }}",
         # Origin-form of visible ASCII only: no absolute/authority form, `*`, or control bytes.
         f"{deny} 400 unless {{ url -m reg ^/[!-~]*$ }}",
         # The builtin engine's head limits (http/policy.py): 8 KiB of head, 64 fields → 431.

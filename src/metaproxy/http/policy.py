@@ -228,6 +228,9 @@ def screen(
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif action == _EXPECT:
             expect_continue = value.lower() == b"100-continue"
+    if version == b"1.1" and b"host" not in seen:
+        # RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+        return Refusal(400, "HTTP/1.1 request without Host")
     if content_length > max_body:
         return Refusal(413, "body over the limit")
     if client_xff and method == b"PUT":
