@@ -9,9 +9,10 @@ socket). What this one adds, in rule order (haproxy runs `http-request` rules to
 0. No h2c by prior knowledge, and at most `max_conn_per_source` concurrent connections per
    client address (an idle-connection flood from one guest must not take the others' slots).
 1. only GET/HEAD/POST/PUT (405); HTTP/1.0 or 1.1, and Host in 1.1 (400); origin-form targets
-   only (absolute-form, authority-form and `*` → 400); a head over 8 KiB or with over 64 fields (431, as the builtin engine); Upgrade
-   refused (400, no tunnel to the agent); header names with an underscore refused (400:
-   `X_Neutron_Network_ID` must not slip past a dash-based deny rule, Neutron LP #1865036);
+   only (absolute-form, authority-form and `*` → 400); a head over 8 KiB or with over 64
+   fields (431, as the builtin engine); Upgrade refused (400, no tunnel to the agent); header
+   names with an underscore refused (400: `X_Neutron_Network_ID` must not slip past a
+   dash-based deny rule, Neutron LP #1865036);
    Content-Length over the body limit (413); chunked bodies refused (400: the agent needs a
    known length, and a stream could outrun the limit).
 2. IMDSv2's rule: `PUT /latest/api/token` carrying a client X-Forwarded-For → 403, checked
