@@ -47,6 +47,7 @@ class Front:
 LABELS = {
     "builtin": "metaproxy builtin",
     "builtin-2w": "metaproxy builtin, 2 workers",
+    "builtin-p1": "metaproxy builtin, --pipeline 1",
     "haproxy-engine": "metaproxy haproxy engine",
     "haproxy-neutron": "haproxy, Neutron config",
     "haproxy-keepalive": "haproxy, keep-alive tuned",
@@ -61,16 +62,19 @@ def start_engine(
     network_id: str,
     tag: str = "",
     workers: int = 1,
+    pipeline: int | None = None,
 ) -> Front:
     """`metaproxy ns-proxy --engine ENGINE --foreground` on 127.0.0.1 with a free port
     (`--workers N` when workers > 1: the CPU then counts the parent and every worker)."""
     name = "builtin" if engine == "builtin" else "haproxy-engine"
     if workers > 1:
         name = f"{name}-{workers}w"
+    if pipeline is not None:
+        name = f"{name}-p{pipeline}"
     front = Front(name, LABELS[name])
     try:
         front.port = free_port()
-        tag = tag or (engine if workers == 1 else name)
+        tag = tag or (engine if name in ("builtin", "haproxy-engine") else name)
         state = ctx.workdir / f"state-{tag}"
         argv = [
             *metaproxy_argv(),
@@ -93,6 +97,7 @@ def start_engine(
             "--pid_file",
             str(state / "front.pid"),
             *(["--workers", str(workers)] if workers > 1 else []),
+            *(["--pipeline", str(pipeline)] if pipeline is not None else []),
         ]
         front.child = ctx.track(Child(f"front-{tag}", argv, ctx.workdir))
         wait_until(f"{engine} front", tcp_ready("127.0.0.1", front.port), 30, front.child)
