@@ -65,3 +65,11 @@ def test_parse_ttl(values: list[bytes], ok: int | None) -> None:
         assert info.value.status_hint == 400
     else:
         assert parse_ttl(values) == ok
+
+
+def test_the_key_derived_from_the_secret_is_shared_and_not_the_secret() -> None:
+    secret = b"s3cr3t-Shared-Value"
+    token = TokenIssuer.from_secret(secret).issue("vm-1", 60, NOW).encode()
+    assert TokenIssuer.from_secret(secret).valid("vm-1", token, NOW)
+    assert not TokenIssuer.from_secret(b"another-secret").valid("vm-1", token, NOW)
+    assert not TokenIssuer(secret).valid("vm-1", token, NOW)  # the secret itself is not the key

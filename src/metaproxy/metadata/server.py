@@ -160,7 +160,7 @@ class MetadataApp:
         self._store = store
         self._secret = secret
         self._sessions = sessions
-        self._issuer = issuer or tokens.TokenIssuer()
+        self._issuer = issuer or tokens.TokenIssuer.from_secret(secret.reveal().encode())
         self._clock = clock
         self._cache: dict[str, _Entry | None] = {}
         self._cache_version: tuple[int, int] | None = None

@@ -3,8 +3,10 @@
 A token is `v1.<base64url(expiry_ms ‖ nonce ‖ mac)>` with mac = HMAC-SHA256(key, instance ‖ expiry ‖
 nonce). The server checks it against the instance the *agent* vouched for (X-Instance-ID, signed),
 so a token taken from one instance is worthless to any other. Nothing is stored per token, so a
-GET never writes; the key lives in memory only, so a restart invalidates every token (clients
-re-PUT after a 401, as AWS clients do).
+GET never writes. The key is derived from the shared secret (`TokenIssuer.from_secret`), so a
+token outlives a restart of the server and is good at every server of the deployment, and
+changing the secret revokes every token. Whoever holds the secret could already sign any
+instance's identity, so the derived key gives nobody anything new.
 
 The rule "a token PUT relayed by a proxy inside the guest is refused" (AWS checks the request for
 X-Forwarded-For) belongs to the FRONT: by the time a request reaches this server the agent has
@@ -29,6 +31,8 @@ MIN_TTL = 1
 MAX_TTL = 21600  # six hours, AWS's limit
 _PREFIX = "v1."
 _PACK = struct.Struct(">Q8s")
+# What the token key is derived from the shared secret for (and nothing else is).
+_KEY_LABEL = b"metaproxy imds session token key v1"
 
 
 def parse_ttl(values: list[bytes]) -> int:
@@ -46,6 +50,11 @@ class TokenIssuer:
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key if key is not None else secrets.token_bytes(32)
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> TokenIssuer:
+        """The issuer every server sharing `secret` agrees on (its own key, not the secret)."""
+        return cls(hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest())
 
     def _mac(self, instance_id: str, head: bytes) -> bytes:
         return hmac.new(self._key, instance_id.encode() + b"\0" + head, hashlib.sha256).digest()
