@@ -58,7 +58,6 @@ Connector = Callable[[], Awaitable[socket.socket]]
 # closing most of them after a burst makes the next burst reconnect through the agent's accept.
 MAX_IDLE = 1024
 _HEAD_END = b"\r\n\r\n"
-_NEVER = float("inf")
 
 
 class Cancel(Protocol):
