@@ -9,6 +9,7 @@ whatever order the test picks: that is what a slow Nova does to the real handler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -65,6 +66,19 @@ async def shell(short_tmp: Path) -> AsyncIterator[tuple[Held, Path]]:
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def connected(
+    path: Path,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection to the shell for at most 10 s, closed afterwards."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+
 def request(target: str, seq: int | None, method: str = "GET") -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: localhost"]
     if seq is not None:
@@ -92,23 +106,19 @@ async def test_gets_are_worked_on_together_and_answered_in_order(
     shell: tuple[Held, Path],
 ) -> None:
     held, path = shell
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        try:
-            writer.write(request("/a", 7) + request("/b", 8) + request("/c", 9))
-            # All three reach the handler before any is answered: a slow first one does not
-            # hold up the work on the others.
-            await held.until(3)
-            assert held.targets() == ["/a", "/b", "/c"]
-            held.answer("/c")
-            held.answer("/b")
-            # Nothing may overtake the first answer.
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.read(1), 0.2)
-            held.answer("/a")
-            answers = await read_answers(reader, 3)
-        finally:
-            writer.close()
+    async with connected(path) as (reader, writer):
+        writer.write(request("/a", 7) + request("/b", 8) + request("/c", 9))
+        # All three reach the handler before any is answered: a slow first one does not
+        # hold up the work on the others.
+        await held.until(3)
+        assert held.targets() == ["/a", "/b", "/c"]
+        held.answer("/c")
+        held.answer("/b")
+        # Nothing may overtake the first answer.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.2)
+        held.answer("/a")
+        answers = await read_answers(reader, 3)
     assert answers == [
         (b"7", b"answer to /a"),
         (b"8", b"answer to /b"),
@@ -118,42 +128,34 @@ async def test_gets_are_worked_on_together_and_answered_in_order(
 
 async def test_a_request_without_a_number_gets_none_back(shell: tuple[Held, Path]) -> None:
     held, path = shell
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        try:
-            writer.write(request("/plain", None))
-            await held.until(1)
-            held.answer("/plain")
-            assert await read_answers(reader, 1) == [(b"", b"answer to /plain")]
-        finally:
-            writer.close()
+    async with connected(path) as (reader, writer):
+        writer.write(request("/plain", None))
+        await held.until(1)
+        held.answer("/plain")
+        assert await read_answers(reader, 1) == [(b"", b"answer to /plain")]
 
 
 async def test_a_put_waits_for_what_is_before_it_and_holds_what_is_after_it(
     shell: tuple[Held, Path],
 ) -> None:
     held, path = shell
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        try:
-            writer.write(
-                request("/before", 1)
-                + request("/latest/api/token", 2, method="PUT")
-                + request("/after", 3)
-            )
-            await held.until(1)
-            await asyncio.sleep(0.05)
-            assert held.targets() == ["/before"]  # the PUT waits for /before's answer
-            held.answer("/before")
-            await held.until(2)
-            await asyncio.sleep(0.05)
-            assert held.targets() == ["/before", "/latest/api/token"]  # /after waits for it
-            held.answer("/latest/api/token")
-            await held.until(3)
-            held.answer("/after")
-            answers = await read_answers(reader, 3)
-        finally:
-            writer.close()
+    async with connected(path) as (reader, writer):
+        writer.write(
+            request("/before", 1)
+            + request("/latest/api/token", 2, method="PUT")
+            + request("/after", 3)
+        )
+        await held.until(1)
+        await asyncio.sleep(0.05)
+        assert held.targets() == ["/before"]  # the PUT waits for /before's answer
+        held.answer("/before")
+        await held.until(2)
+        await asyncio.sleep(0.05)
+        assert held.targets() == ["/before", "/latest/api/token"]  # /after waits for it
+        held.answer("/latest/api/token")
+        await held.until(3)
+        held.answer("/after")
+        answers = await read_answers(reader, 3)
     assert [seq for seq, _ in answers] == [b"1", b"2", b"3"]
 
 
@@ -171,13 +173,9 @@ async def test_a_bad_number_is_400_and_never_handed_over(
     shell: tuple[Held, Path], field: bytes
 ) -> None:
     held, path = shell
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        try:
-            writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + field + b"\r\n")
-            head = await reader.readuntil(b"\r\n\r\n")
-        finally:
-            writer.close()
+    async with connected(path) as (reader, writer):
+        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + field + b"\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"x-metaproxy-seq" not in head.lower()
     assert held.requests == []
