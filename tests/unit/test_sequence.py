@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from metaproxy.errors import ConfigError
 from metaproxy.http import sequence
 
 
@@ -63,3 +64,14 @@ def test_numbered_puts_the_field_after_the_first_line() -> None:
     assert sequence.numbered(answer, b"42") == (
         b"HTTP/1.1 200 OK\r\nX-Metaproxy-Seq: 42\r\nContent-Length: 2\r\n\r\nok"
     )
+
+
+@pytest.mark.parametrize(
+    ("depth", "ok"), [(0, False), (1, True), (8, True), (64, True), (65, False)]
+)
+def test_check_pipeline(depth: int, ok: bool) -> None:
+    if ok:
+        assert sequence.check_pipeline(depth, "--pipeline") == depth
+    else:
+        with pytest.raises(ConfigError, match=f"--pipeline must be between 1 and 64, not {depth}"):
+            sequence.check_pipeline(depth, "--pipeline")

@@ -35,7 +35,7 @@ from metaproxy.front.ratelimit import (
     RateLimiter,
     SourceLimits,
 )
-from metaproxy.http import policy, wire
+from metaproxy.http import policy, sequence, wire
 from metaproxy.http.client import Cancel, Connector, UpstreamPool
 from metaproxy.http.outbox import Outbox
 from metaproxy.http.policy import Refusal, UpstreamRequest
@@ -47,11 +47,9 @@ access_log = logging.getLogger("metaproxy.access")
 # Requests buffered ahead of the one being answered (pipelining) before we stop reading.
 _PIPELINE_BUFFER = 256 * 1024
 _LOG_PATH_MAX = 512
-PIPELINE = 8
 # Screened heads a front keeps (`_Front.remember`), and the longest head kept.
 _SCREENED_MAX = 64
 _SCREENED_HEAD = 1024
-MAX_PIPELINE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +64,11 @@ class EngineOptions:
     drain_timeout: float = 3.0
     # GETs in flight at once on one agent connection, once it has echoed a request's sequence
     # number (metaproxy's agent does, Neutron's does not: see metaproxy.http.client). 1: never.
-    pipeline: int = PIPELINE
+    pipeline: int = sequence.PIPELINE
 
     def __post_init__(self) -> None:
         SourceLimits(self.max_conn_per_source, self.rate_limit)  # the limits' own checks
-        if not 1 <= self.pipeline <= MAX_PIPELINE:
-            raise ConfigError(f"pipeline must be in [1, {MAX_PIPELINE}]", key="pipeline")
+        sequence.check_pipeline(self.pipeline, "pipeline")
 
 
 @dataclass(slots=True)

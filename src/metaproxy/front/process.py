@@ -24,14 +24,9 @@ from typing import NoReturn, Protocol
 from metaproxy import errors
 from metaproxy.config import FrontSpec
 from metaproxy.errors import ConfigError, MetaproxyError, ProcessError
-from metaproxy.front.builtin import (
-    MAX_PIPELINE,
-    PIPELINE,
-    BuiltinFront,
-    EngineOptions,
-    new_event_loop,
-)
+from metaproxy.front.builtin import BuiltinFront, EngineOptions, new_event_loop
 from metaproxy.front.ratelimit import SourceLimits
+from metaproxy.http import sequence
 from metaproxy.security import files
 from metaproxy.service import pidfile
 
@@ -51,15 +46,11 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     limits = SourceLimits.from_flags(vars(args))
     pipeline = getattr(args, "pipeline", None)
     if pipeline is None:
-        pipeline = PIPELINE
-    elif not 1 <= pipeline <= MAX_PIPELINE:
-        raise ConfigError(
-            f"--pipeline must be between 1 and {MAX_PIPELINE}, not {pipeline}", key="pipeline"
-        )
+        pipeline = sequence.PIPELINE
     return EngineOptions(
         max_conn_per_source=limits.max_conn_per_source,
         rate_limit=limits.rate_limit,
-        pipeline=pipeline,
+        pipeline=sequence.check_pipeline(pipeline, "--pipeline"),
     )
 
 

@@ -7,14 +7,20 @@ request with `X-Metaproxy-Seq: N`, and metaproxy's own servers (the agent, the e
 metadata server) echo the number in the answer. A client lets requests share a connection only
 with a server that has echoed, and then refuses any answer whose number is not that of the
 request it would be matched to. A server that does not echo (Neutron's agent, Nova) is never
-sent two requests at once. The field never reaches an instance. Pure: no I/O.
+sent two requests at once. The field never reaches an instance. Here too: how many requests a
+builtin front may have in flight on one agent connection (`check_pipeline`). Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from metaproxy.errors import ConfigError
+
 FIELD = b"X-Metaproxy-Seq"
 NAME = FIELD.lower()
 MAX_DIGITS = 20
+# A builtin front's pipelining depth (--pipeline, [front] pipeline): the default and the most.
+PIPELINE = 8
+MAX_PIPELINE = 64
 
 
 def is_field(name: bytes) -> bool:
@@ -50,3 +56,12 @@ def mismatch(echo: bytes | None, expected: bytes, *, shared: bool) -> str | None
     if echo != expected:
         return f"answer out of order: sequence {echo[:20]!r} for {expected.decode()}"
     return None
+
+
+def check_pipeline(depth: int, name: str) -> int:
+    """`depth` if it is a depth a front accepts, else a ConfigError naming the setting `name`."""
+    if not 1 <= depth <= MAX_PIPELINE:
+        raise ConfigError(
+            f"{name} must be between 1 and {MAX_PIPELINE}, not {depth}", key=name.lstrip("-")
+        )
+    return depth

@@ -40,6 +40,7 @@ from metaproxy.config import (
 )
 from metaproxy.errors import ConfigError
 from metaproxy.front.ratelimit import MAX_CONN_PER_SOURCE, RateLimitConfig, SourceLimits
+from metaproxy.http import sequence
 
 Engine = Literal["builtin", "haproxy"]
 ENGINES: tuple[Engine, ...] = ("builtin", "haproxy")
@@ -171,7 +172,7 @@ class FrontDefaults:
     isolate: bool = True
     # builtin engine: GETs in flight at once on one agent connection that echoes sequence
     # numbers (metaproxy.http.client); 1 never pipelines.
-    pipeline: int = 8
+    pipeline: int = sequence.PIPELINE
     # Namespace names for fronts that do not name one (e.g. networks from the store): Neutron's
     # DHCP/L3 agents use these; OVN's metadata agent uses "ovnmeta-{id}".
     network_netns: str = "qdhcp-{id}"
@@ -359,14 +360,13 @@ def _front_defaults(table: dict[str, Any]) -> FrontDefaults:
         maxconn=_take(table, "front", "maxconn", int, 1024),
         max_conn_per_source=_take(table, "front", "max_conn_per_source", int, MAX_CONN_PER_SOURCE),
         isolate=_take(table, "front", "isolate", bool, True),
-        pipeline=_take(table, "front", "pipeline", int, 8),
+        pipeline=_take(table, "front", "pipeline", int, sequence.PIPELINE),
     )
     try:
         SourceLimits(defaults.max_conn_per_source)
     except ConfigError as exc:
         raise ConfigError(f"front.{exc}", key="front.max_conn_per_source") from None
-    if not 1 <= defaults.pipeline <= 64:
-        raise ConfigError("front.pipeline must be in [1, 64]", key="front.pipeline")
+    sequence.check_pipeline(defaults.pipeline, "front.pipeline")
     _reject_unknown(table, "front")
     return defaults
 
