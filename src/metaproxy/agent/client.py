@@ -296,6 +296,7 @@ class HttpPool:
         self._open = 0  # connections made or being made
         self._waiting: collections.deque[_Exchange] = collections.deque()
         self._opening: list[list[_Exchange]] = []  # requests for connections being made
+        self._connecting: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self._loop: asyncio.AbstractEventLoop | None = None
         self._current: _Conn | None = None  # where pipelined GETs queue while it has room
         self._sweeper: asyncio.TimerHandle | None = None
@@ -412,7 +413,9 @@ class HttpPool:
         self._open += 1
         batch = [exchange]
         self._opening.append(batch)
-        asyncio.get_running_loop().create_task(self._connect(batch))
+        task = asyncio.get_running_loop().create_task(self._connect(batch))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
 
     def _shared(self, exchange: _Exchange) -> _Conn | None:
         """A busy connection that `exchange` may queue behind (pipelining), or None.

@@ -88,6 +88,7 @@ class WorkerEngine:
         self.worker: _Worker | None = None
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
+        self._connecting: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self._started = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -302,7 +303,9 @@ class WorkerEngine:
             ident = report["id"]
             if not isinstance(ident, int):
                 raise TypeError("connect id is not an integer")
-            asyncio.get_running_loop().create_task(self._connect(worker, ident))
+            task = asyncio.get_running_loop().create_task(self._connect(worker, ident))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
         elif op in ("added", "removed", "failed"):
             future = worker.replies.get(str(report["name"]))
             if future is not None and not future.done():
