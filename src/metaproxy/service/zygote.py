@@ -31,7 +31,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import posix
 import select
 import signal
@@ -43,6 +42,7 @@ from typing import Any
 
 from metaproxy import forking
 from metaproxy.errors import ProcessError
+from metaproxy.front import channel
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class Zygote:
 
     def spawn(self, worker_end: socket.socket, uid: int | None, gid: int | None) -> int:
         """Fork a front worker on `worker_end` as uid/gid; its pid. ProcessError on failure."""
-        order = pickle.dumps({"uid": uid, "gid": gid})
         try:
-            socket.send_fds(self.sock, [order], [worker_end.fileno()])
+            channel.send_order(self.sock, {"uid": uid, "gid": gid}, [worker_end.fileno()])
             ready, _, _ = select.select([self.sock], [], [], _SPAWN_TIMEOUT)
             reply = self.sock.recv(4096) if ready else b""
         except OSError as exc:
@@ -172,34 +171,33 @@ def _serve(sock: socket.socket) -> int:
         ready, _, _ = select.select([sock], [], [], 1.0)
         if not ready:
             continue
-        data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
-        if not data:
+        got = channel.receive_order(sock)  # from the manager only (front/channel.py)
+        if got is None:
             return 0  # the manager closed the channel: the end
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+        order, sockets = got
+        if len(sockets) != 1:
+            for extra in sockets:
+                extra.close()
             sock.send(json.dumps({"error": "spawn needs one channel"}).encode())
             continue
-        order: dict[str, Any] = pickle.loads(data)  # noqa: S301 - from the manager only
-        channel_fd = fds[0]
+        channel_end = sockets[0]
 
-        main = functools.partial(_become_worker, me, sock, channel_fd, order)
+        main = functools.partial(_become_worker, me, sock, channel_end, order)
         try:
             pid = forking.fork(main, _current_mask(), label="front worker")
         except OSError as exc:
             sock.send(json.dumps({"error": f"fork: {exc.strerror}"}).encode())
             continue
         finally:
-            os.close(channel_fd)
+            channel_end.close()
         children.add(pid)
         sock.send(json.dumps({"pid": pid}).encode())
 
 
 def _become_worker(
-    zygote: int, zygote_end: socket.socket, channel_fd: int, order: dict[str, Any]
+    zygote: int, zygote_end: socket.socket, channel_end: socket.socket, order: dict[str, Any]
 ) -> int:  # pragma: no cover - runs in the worker
     zygote_end.close()
-    channel_end = socket.socket(fileno=channel_fd)
     from metaproxy.front.process import drop_privileges
     from metaproxy.front.worker import run
 
